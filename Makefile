@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Each creates .venv if missing, installs torch first and exactly (a CPU build on CPU machines;
+# override TORCH_SPEC on GPU machines), then the package pinned by constraints.txt.
+# The install is skipped when pyproject.toml and constraints.txt are unchanged.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.card-installed
+PYTEST_ARGS ?=
+
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/card convert "$${CARD_DATA_DIR:-../shared/data}/stories260K_hf" runs/demo/stories260K-card --overwrite
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

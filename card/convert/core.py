@@ -1,0 +1,200 @@
+"""AR checkpoint -> CARD checkpoint (card-method.md section 2).
+
+The architecture is unchanged. Conversion gives the tokenizer a mask token, grows the embeddings (and an
+untied head) to a multiple of 64 rows initialised to the mean of the existing rows, records the ``card``
+metadata in ``config.json``, stops ``generate`` from emitting the new ids, writes the result atomically and
+verifies that the AR logits over the original vocabulary are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from card.convert.source import Source, check_causal, load_source
+from card.errors import CardError
+from card.io import atomic_directory, check_destination, state_dict_sha256
+from card.metadata import DEFAULT_MASK_TOKEN, CardMetadata, write_metadata
+
+PAD_MULTIPLE = 64
+VERIFY_TEXT = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. "
+    "One day, she saw a big red ball in the park and ran to get it. 12 + 30 = 42."
+)
+VERIFY_TOKENS = 64
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    dst: str
+    source_format: str
+    architecture: str
+    model_type: str
+    params: int
+    dtype: str
+    mask_token: str
+    mask_token_id: int
+    mask_token_added: bool
+    vocab_before: int  # embedding rows
+    vocab_after: int
+    tokenizer_before: int
+    tokenizer_after: int
+    source_sha256: str
+    verified: bool | None = None
+    max_abs_diff: float | None = None
+    argmax_equal: bool | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def padded_vocab_size(rows: int, tokens: int, multiple: int = PAD_MULTIPLE) -> int:
+    """Embedding rows after conversion: enough for every token, never fewer than before, padded up."""
+    return multiple * math.ceil(max(rows, tokens) / multiple)
+
+
+def choose_mask_token(tok: tf.PreTrainedTokenizerBase, mask_token: str | None) -> tuple[str, bool]:
+    """Give ``tok`` a mask token; return it and whether it is a new vocabulary entry.
+
+    A named ``mask_token`` must already exist; otherwise a tokenizer's own mask token is kept; otherwise
+    ``<|mask|>`` is added as a new special token.
+    """
+    if mask_token is not None:
+        if mask_token not in tok.get_vocab():
+            raise CardError(f"--mask-token {mask_token!r} is not in the tokenizer's vocabulary")
+        tok.add_special_tokens({"mask_token": mask_token})
+        return mask_token, False
+    if tok.mask_token is not None and tok.mask_token in tok.get_vocab():
+        return tok.mask_token, False
+    before = len(tok)
+    tok.add_special_tokens({"mask_token": DEFAULT_MASK_TOKEN})
+    return DEFAULT_MASK_TOKEN, len(tok) > before
+
+
+@torch.no_grad()
+def init_rows_to_mean(weight: torch.Tensor, rows: list[int], n_old: int) -> None:
+    """Set ``weight[rows]`` to the mean of the first ``n_old`` rows (a deterministic, neutral start)."""
+    if rows:
+        weight[rows] = weight[:n_old].float().mean(0).to(weight.dtype)
+
+
+def resize_for_mask(model: tf.PreTrainedModel, n_tokens: int, new_ids: list[int]) -> tuple[int, int]:
+    """Grow the embeddings (and an untied head) to hold ``n_tokens``; initialise new rows and ``new_ids``.
+
+    Returns (rows before, rows after).
+    """
+    emb = model.get_input_embeddings()
+    before = emb.weight.shape[0]
+    after = padded_vocab_size(before, n_tokens)
+    if after != before:
+        model.resize_token_embeddings(after, mean_resizing=False)
+    init = sorted(set(range(before, after)) | set(new_ids))
+    init_rows_to_mean(model.get_input_embeddings().weight, init, before)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        init_rows_to_mean(head.weight, init, before)
+        if getattr(head, "bias", None) is not None:
+            with torch.no_grad():
+                head.bias[init] = head.bias[:before].float().mean().to(head.bias.dtype)
+    return before, after
+
+
+def verify_ids(tok: tf.PreTrainedTokenizerBase, model: tf.PreTrainedModel) -> torch.Tensor:
+    ids = tok(VERIFY_TEXT, return_tensors="pt").input_ids[:, :VERIFY_TOKENS]
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return ids[:, : min(ids.shape[1], limit)] if limit else ids
+
+
+@torch.no_grad()
+def _logits(model: tf.PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits[0].float()
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 1e-2
+
+
+def convert(
+    src: str,
+    dst: str | Path,
+    *,
+    mask_token: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    verify: bool = True,
+    tokenizer: str | None = None,
+) -> ConvertReport:
+    """Convert the causal LM at ``src`` (HF folder, hub id or llama2.c ``.bin``) into a CARD checkpoint at ``dst``.
+
+    ``tokenizer`` is the SentencePiece model of a llama2.c checkpoint. Raises ``CardError`` with a one-line
+    message on bad input; ``dst`` is only ever created complete.
+    """
+    t0 = time.perf_counter()
+    dst = check_destination(dst, overwrite)
+    source: Source = load_source(str(src), dtype, tokenizer)
+    model, tok = source.model, source.tokenizer
+    ids = verify_ids(tok, model)
+    check_causal(model, ids)
+    reference = _logits(model, ids)
+    source_sha = state_dict_sha256(model.state_dict())
+    tok_before = len(tok)
+
+    mask, added = choose_mask_token(tok, mask_token)
+    mask_id = tok.convert_tokens_to_ids(mask)
+    rows_before, rows_after = resize_for_mask(model, len(tok), [mask_id] if added else [])
+    meta = CardMetadata(
+        mask_token=mask,
+        mask_token_id=mask_id,
+        original_vocab_size=rows_before,
+        vocab_size=rows_after,
+        source={"name": source.name, "format": source.format, "sha256": source_sha},
+        doc_separator="bos" if source.format == "llama2c" else "eos",
+    )
+    write_metadata(model.config, meta)
+    gen = model.generation_config
+    gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(meta.suppressed_token_ids))
+
+    report = ConvertReport(
+        src=str(src), dst=str(dst), source_format=source.format,
+        architecture=type(model).__name__, model_type=model.config.model_type,
+        params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).removeprefix("torch."),
+        mask_token=mask, mask_token_id=mask_id, mask_token_added=added,
+        vocab_before=rows_before, vocab_after=rows_after, tokenizer_before=tok_before, tokenizer_after=len(tok),
+        source_sha256=source_sha,
+    )
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if verify:
+            del model
+            _verify(tmp, ids, reference, rows_before, mask_id if added else None, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _verify(path: Path, ids, reference, n_original: int, new_id: int | None, report: ConvertReport) -> None:
+    """Reload with plain transformers and compare AR logits over the original vocabulary."""
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    if tok.mask_token_id != report.mask_token_id:
+        raise CardError(f"verification failed: reloaded tokenizer has mask id {tok.mask_token_id}, expected {report.mask_token_id}")
+    keep = torch.ones(n_original, dtype=torch.bool)
+    if new_id is not None and new_id < n_original:
+        keep[new_id] = False  # a new token placed in an unused existing row: that row was re-initialised
+    got = _logits(model, ids)[:, :n_original][:, keep]
+    ref = reference[:, :n_original][:, keep]
+    report.max_abs_diff = (got - ref).abs().max().item()
+    report.argmax_equal = bool(torch.equal(got.argmax(-1), ref.argmax(-1)))
+    report.verified = report.max_abs_diff <= _tolerance(model.dtype) and report.argmax_equal
+    if not report.verified:
+        raise CardError(
+            f"verification failed: converted logits differ from the source (max abs diff {report.max_abs_diff:.3g}, "
+            f"argmax equal: {report.argmax_equal}); nothing was written"
+        )

@@ -1,0 +1,141 @@
+"""Resolve a conversion source (local HF folder, hub id or llama2.c file) into a model and tokenizer.
+
+Every refusal is a one-line ``CardError`` raised before anything is written, and as early as possible:
+the config is checked before the weights are read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers as tf
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from card.convert.llama2c import load_llama2c_model, load_llama2c_tokenizer
+from card.errors import CardError
+from card.metadata import read_metadata
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Source:
+    model: tf.PreTrainedModel
+    tokenizer: tf.PreTrainedTokenizerBase
+    name: str
+    format: str  # "hf" or "llama2c"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _looks_like_path(src: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a missing local path."""
+    return src.startswith((".", "/", "~")) or not _HUB_ID.match(src)
+
+
+def _hub_error(src: str, e: BaseException) -> CardError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    why = "the hub is disabled (HF_HUB_OFFLINE=1)" if offline else f"the hub could not provide it ({_first_line(e)})"
+    return CardError(f"{src!r} is not a local path and {why}; pass a local checkpoint directory")
+
+
+def check_decoder_only(config: tf.PretrainedConfig) -> None:
+    """Refuse architectures that are not decoder-only causal LMs, from the config alone."""
+    mt = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise CardError(f"{mt} is an encoder-decoder model; CARD needs a decoder-only causal LM")
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CardError(f"{mt} has no causal-LM head in transformers (encoder-only?); CARD needs a decoder-only causal LM")
+    declared = getattr(config, "architectures", None) or []
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if declared and not any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in declared):
+        raise CardError(
+            f"{mt} checkpoint is a {declared[0]}, not a causal LM (an encoder-only model); CARD needs a decoder-only causal LM"
+        )
+
+
+def check_causal(model: tf.PreTrainedModel, ids: torch.Tensor) -> None:
+    """Refuse models whose attention looks ahead (encoder-only models loaded through a causal-LM head).
+
+    Architecture-independent: changing the last input token must not change any earlier logits. A short
+    probe keeps a look-ahead's effect large; a causal model computes earlier rows identically.
+    """
+    ids = ids[:, :8]
+    ids2 = ids.clone()
+    ids2[0, -1] = (ids[0, -1] + 1) % model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        a = model(input_ids=ids).logits[0, :-1].float()
+        b = model(input_ids=ids2).logits[0, :-1].float()
+    if (a - b).abs().max().item() > 1e-6 * max(1.0, a.abs().max().item()):
+        raise CardError(
+            f"{model.config.model_type} attends to future tokens (an encoder-only model); CARD needs a decoder-only causal LM"
+        )
+
+
+def load_source(src: str, dtype: str = "auto", tokenizer: str | None = None) -> Source:
+    if dtype not in DTYPES:
+        raise CardError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    path = Path(os.path.expanduser(src))
+    if path.is_file():
+        return _load_llama2c(path, dtype, tokenizer)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CardError(f"{src} has no config.json; it is not a Hugging Face checkpoint directory")
+        return _load_hf(str(path), src, dtype)
+    if _looks_like_path(src):
+        raise CardError(f"source {src} does not exist")
+    return _load_hf(src, src, dtype)
+
+
+def _load_hf(location: str, name: str, dtype: str) -> Source:
+    local = Path(location).is_dir()
+    try:
+        config = tf.AutoConfig.from_pretrained(location)
+    except OSError as e:
+        if local:
+            raise CardError(f"cannot read {name}/config.json: {_first_line(e)}") from None
+        raise _hub_error(name, e) from None
+    except ValueError as e:
+        raise CardError(f"cannot read the config of {name}: {_first_line(e)}") from None
+    meta = read_metadata(config)
+    if meta is not None:
+        raise CardError(
+            f"{name} is already a CARD checkpoint (format {meta.format_version}, mask token "
+            f"{meta.mask_token!r} id {meta.mask_token_id}); use it as is"
+        )
+    check_decoder_only(config)
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(location)
+    except Exception as e:  # a folder without tokenizer files fails with assorted errors by model type
+        raise CardError(f"{name} has no usable tokenizer ({_first_line(e)}); CARD needs one to add the mask token") from None
+    if isinstance(tok, bool) or not hasattr(tok, "get_vocab"):
+        raise CardError(f"{name} has no usable tokenizer; CARD needs one to add the mask token")
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype])
+    except OSError as e:
+        if local:
+            raise CardError(f"cannot load the weights of {name}: {_first_line(e)}") from None
+        raise _hub_error(name, e) from None
+    except Exception as e:  # safetensors / torch raise many types on corrupt files
+        raise CardError(f"cannot load the weights of {name}: {_first_line(e)}") from None
+    return Source(model.eval(), tok, name, "hf")
+
+
+def _load_llama2c(path: Path, dtype: str, tokenizer: str | None) -> Source:
+    if tokenizer is None:
+        raise CardError(f"{path} is a file, so it is read as a llama2.c checkpoint; pass its tokenizer with --tokenizer tok.model")
+    model, header = load_llama2c_model(path)
+    tok = load_llama2c_tokenizer(tokenizer, header.seq_len)
+    if len(tok) != header.vocab_size:
+        raise CardError(f"tokenizer {tokenizer} has {len(tok)} tokens but {path} has a vocabulary of {header.vocab_size}")
+    if DTYPES[dtype] != "auto":
+        model = model.to(DTYPES[dtype])
+    return Source(model, tok, str(path), "llama2c")

@@ -1,0 +1,41 @@
+import os
+
+# Before anything imports huggingface_hub / datasets: they read these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests import factory  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The real model and data files (``../shared/data`` beside the repo unless CARD_DATA_DIR says otherwise)."""
+    return Path(os.environ.get("CARD_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    assert (d / "SOURCES.md").exists(), f"shared data not found at {d}; set CARD_DATA_DIR"
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Factory: ``tiny_ckpt(arch)`` -> path of a saved tiny HF checkpoint, built once per session."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", seed: int = 0) -> Path:
+        key = (arch, seed)
+        if key not in cache:
+            cache[key] = factory.save_tiny_checkpoint(tmp_path_factory.mktemp(f"src-{arch}-{seed}"), arch, seed)
+        return cache[key]
+
+    return make
