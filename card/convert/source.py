@@ -15,11 +15,11 @@ import torch
 import transformers as tf
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from card.checkpoint import resolve_dtype
 from card.convert.llama2c import load_llama2c_model, load_llama2c_tokenizer
 from card.errors import CardError
 from card.metadata import read_metadata
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -81,8 +81,7 @@ def check_causal(model: tf.PreTrainedModel, ids: torch.Tensor) -> None:
 
 
 def load_source(src: str, dtype: str = "auto", tokenizer: str | None = None) -> Source:
-    if dtype not in DTYPES:
-        raise CardError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    resolve_dtype(dtype)  # refuse a bad dtype before reading anything
     path = Path(os.path.expanduser(src))
     if path.is_file():
         return _load_llama2c(path, dtype, tokenizer)
@@ -119,7 +118,7 @@ def _load_hf(location: str, name: str, dtype: str) -> Source:
     if isinstance(tok, bool) or not hasattr(tok, "get_vocab"):
         raise CardError(f"{name} has no usable tokenizer; CARD needs one to add the mask token")
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype])
+        model = tf.AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype))
     except OSError as e:
         if local:
             raise CardError(f"cannot load the weights of {name}: {_first_line(e)}") from None
@@ -136,6 +135,6 @@ def _load_llama2c(path: Path, dtype: str, tokenizer: str | None) -> Source:
     tok = load_llama2c_tokenizer(tokenizer, header.seq_len)
     if len(tok) != header.vocab_size:
         raise CardError(f"tokenizer {tokenizer} has {len(tok)} tokens but {path} has a vocabulary of {header.vocab_size}")
-    if DTYPES[dtype] != "auto":
-        model = model.to(DTYPES[dtype])
+    if resolve_dtype(dtype) != "auto":
+        model = model.to(resolve_dtype(dtype))
     return Source(model, tok, str(path), "llama2c")
