@@ -38,6 +38,7 @@ class CardMetadata:
     objective: ObjectiveDefaults = field(default_factory=ObjectiveDefaults)
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
     format_version: int = FORMAT_VERSION
+    adaptation: list[dict[str, Any]] = field(default_factory=list)  # one entry per CARD adaptation run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
