@@ -10,6 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from card import paths  # noqa: E402
 from tests import factory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_data_dir() -> Path:
     """The real model and data files (``../shared/data`` beside the repo unless CARD_DATA_DIR says otherwise)."""
-    return Path(os.environ.get("CARD_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+    return paths.shared_data_dir(required=False)
 
 
 @pytest.fixture(scope="session")

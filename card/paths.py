@@ -1,0 +1,21 @@
+"""Where the shared real data lives: one setting, ``CARD_DATA_DIR``.
+
+Defaults to ``shared/data`` beside the repository (``../shared/data`` from the repo root), where this
+workspace keeps the real stories260K model, TinyStories text and the PIQA / HellaSwag / GSM8K files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from card.errors import CardError
+
+ENV = "CARD_DATA_DIR"
+
+
+def shared_data_dir(required: bool = True) -> Path:
+    d = Path(os.environ.get(ENV) or Path(__file__).resolve().parents[2] / "shared" / "data").expanduser().resolve()
+    if required and not d.is_dir():
+        raise CardError(f"shared data folder {d} not found; set {ENV} to the folder holding eval/, tinystories/, stories260K_hf/")
+    return d
