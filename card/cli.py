@@ -83,5 +83,70 @@ convert_app = typer.Typer(add_completion=False, help="Convert a pretrained causa
 convert_app.command()(user_errors(convert_command))
 
 
+# -------------------------------------------------------------------------------------------- generate
+STEP_STYLES = ("bold cyan", "bold magenta")  # alternate per forward: tokens of one colour came from one forward
+
+
+def generate_command(
+    ckpt: str = typer.Argument(..., help="checkpoint directory (CARD, or plain AR for --decoding ar)"),
+    prompt: str = typer.Argument(..., help="prompt text"),
+    decoding: str = typer.Option("ar", help="ar|parallel|lossless"),
+    threshold: Optional[float] = typer.Option(None, help="parallel: confidence threshold (default: checkpoint's)"),
+    block_size: Optional[int] = typer.Option(None, help="parallel/lossless: masks per forward (default: checkpoint's)"),
+    max_new_tokens: int = typer.Option(128, help="generate at most this many tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy (ar, parallel)"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass (with --temperature > 0)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+) -> None:
+    """Generate text, streaming each forward's committed tokens (alternating colours), then a stats line."""
+    import json
+
+    from card.checkpoint import check_checkpoint_path, load_checkpoint
+    from card.eval.decoding import check_settings, generate
+
+    check_settings(decoding, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   threshold=threshold, block_size=block_size)
+    check_checkpoint_path(ckpt, require_card=decoding != "ar")
+    ck = load_checkpoint(ckpt, dtype=dtype)
+    settings = dict(max_new_tokens=max_new_tokens)
+    if decoding != "lossless":
+        settings.update(temperature=temperature, top_p=top_p, seed=seed)
+    if decoding != "ar":
+        settings.update(block_size=block_size, threshold=threshold)
+    out = Console(highlight=False, soft_wrap=True)
+    on_step = None
+    if not json_output:
+        # Decode prompt + generated tokens and print what each forward adds: decoding the new tokens alone
+        # would lose SentencePiece's leading spaces and split multi-byte characters.
+        ids = list(ck.tokenizer(prompt)["input_ids"])
+        shown = [ck.tokenizer.decode(ids, skip_special_tokens=True)]
+        forwards = [0]
+
+        def on_step(_index: int, new: list[int]) -> None:
+            ids.extend(new)
+            text = ck.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # wait for whole characters
+            if text.startswith(shown[0]) and len(text) > len(shown[0]):
+                out.print(text[len(shown[0]):], style=STEP_STYLES[forwards[0] % 2], end="")
+                shown[0] = text
+            forwards[0] += 1
+
+        out.print(prompt, end="")
+    r = generate(ck, [prompt], mode=decoding, on_step=on_step, **settings)[0]
+    if json_output:
+        keys = ("text", "token_ids", "new_tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second",
+                "finish_reason", "settings", "prompt_ids", "steps")
+        d = r.to_dict()
+        typer.echo(json.dumps({"prompt": prompt, **{k: d[k] for k in keys}}))
+        return
+    out.print()
+    out.print(f"[dim]{r.new_tokens} tokens in {r.forwards} forwards ({r.tokens_per_forward:.2f} tokens/forward), "
+              f"{r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s, {decoding}, finish: {r.finish_reason}[/]")
+
+
+app.command("generate")(user_errors(generate_command))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,75 @@
+"""Helpers shared by the benchmarks: the shared data folder, the default model, prompts and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES_FILE = "tinystories/tinystories_v1_validation_first_stories.txt"
+
+
+def data_dir() -> Path:
+    """``$CARD_DATA_DIR``, or ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("CARD_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+def converted_stories260k(tmp: str | Path) -> Path:
+    """Convert the real stories260K (HF copy in the data folder) into a CARD checkpoint under ``tmp``."""
+    from card.convert import convert
+
+    dst = Path(tmp) / "stories260K-card"
+    convert(str(data_dir() / "stories260K_hf"), dst)
+    return dst
+
+
+def story_prompts(n: int, sentences: int = 1, min_chars: int = 20) -> list[str]:
+    """The first ``sentences`` sentence(s) of ``n`` distinct TinyStories paragraphs (validation split)."""
+    text = (data_dir() / STORIES_FILE).read_text(encoding="utf-8")
+    prompts: list[str] = []
+    for para in text.split("\n\n"):
+        parts = para.strip().replace("\n", " ").split(". ")
+        prompt = ". ".join(parts[:sentences]).strip()
+        prompt = prompt if prompt.endswith((".", "!", "?", '"')) else prompt + "."
+        if len(prompt) >= min_chars and prompt not in prompts:
+            prompts.append(prompt)
+        if len(prompts) == n:
+            return prompts
+    raise ValueError(f"only {len(prompts)} prompts found in {STORIES_FILE}")
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A GitHub markdown table of ``rows``; ``columns`` are (key, header) pairs, floats shown with 2-3 digits."""
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str | Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``name.json`` and ``name.md`` into ``out_dir`` atomically."""
+    from card.io import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown + "\n")
+    return out / f"{name}.json", out / f"{name}.md"
