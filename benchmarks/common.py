@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from card.paths import shared_data_dir
+
 STORIES_FILE = "tinystories/tinystories_v1_validation_first_stories.txt"
 
 
 def data_dir() -> Path:
     """``$CARD_DATA_DIR``, or ``../shared/data`` beside the repository."""
-    return Path(os.environ.get("CARD_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+    return shared_data_dir()
 
 
 def converted_stories260k(tmp: str | Path) -> Path:
