@@ -148,5 +148,98 @@ def generate_command(
 app.command("generate")(user_errors(generate_command))
 
 
+# ------------------------------------------------------------------------------------------------ eval
+def print_results_table(results: dict, title: str) -> None:
+    """The comparison table of a results document (one row per run) and its footnotes, on stdout."""
+    from card.eval.report import notes, table_rows
+
+    header, rows = table_rows(results)
+    table = Table(title=title, title_justify="left")
+    table.add_column(header[0], no_wrap=True)
+    for name in header[1:-4]:  # "task metric" -> task over metric
+        table.add_column(name.replace(" ", "\n", 1), justify="right")
+    for name in header[-4:]:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    out = Console(highlight=False)
+    if not out.is_terminal:  # piped or captured: print the whole table rather than squeeze it into 80 columns
+        out = Console(highlight=False, width=200)
+    out.print(table)
+    for note in notes(results):
+        out.print(note, style="dim")
+
+
+def eval_command(
+    ckpt: str = typer.Argument(..., help="CARD checkpoint directory (a plain one allows only --modes ar)"),
+    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks, e.g. card_piqa,card_gsm8k,card_tinystories_ppl"),
+    include_path: Optional[list[str]] = typer.Option(None, "--include-path", help="folder of extra task YAMLs (repeatable)"),
+    modes: str = typer.Option("ar,parallel@0.9,parallel@0.7,lossless", help="comma-separated: ar, lossless, parallel "
+                              "(checkpoint's threshold), parallel@T (T in (0, 1])"),
+    baseline: Optional[str] = typer.Option(None, help="unconverted source checkpoint, evaluated in AR mode too"),
+    limit: Optional[float] = typer.Option(None, help="documents per task (or a fraction < 1)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),
+    batch_size: int = typer.Option(8, help="requests per batch (likelihoods and generation)"),
+    seed: int = typer.Option(1234, help="seed for Python, numpy, torch, few-shot sampling and sampled decoding"),
+    block_size: Optional[int] = typer.Option(None, help="parallel/lossless: masks per forward (default: checkpoint's)"),
+    out: Optional[str] = typer.Option(None, help="write results.json, report.md, report.html, samples.jsonl here"),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Evaluate a CARD checkpoint with lm-eval in several decoding modes and write a comparison report."""
+    from card.eval.runner import command_line, evaluate
+
+    if limit is not None and limit == int(limit):
+        limit = int(limit)
+    results = evaluate(ckpt, tasks, modes, include_path=include_path, baseline=baseline, limit=limit,
+                       num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, block_size=block_size, out=out,
+                       dtype=dtype, device=device, command=command_line())
+    print_results_table(results, f"card eval {ckpt}")
+    if out:
+        typer.echo(f"wrote {out}/results.json, report.md, report.html, samples.jsonl")
+
+
+app.command("eval")(user_errors(eval_command))
+
+
+def report_command(
+    dirs: list[str] = typer.Argument(..., help="folders (or results.json files) written by card eval"),
+    out: str = typer.Option(..., help="folder for the merged results.json, report.md and report.html"),
+) -> None:
+    """Merge earlier card eval results into one report."""
+    from pathlib import Path
+
+    from card.eval.report import load_results, merge_results, write_report
+
+    docs = [load_results(d) for d in dirs]
+    names = [Path(d).name for d in dirs]
+    if len(set(names)) < len(names):
+        names = list(dirs)
+    merged = merge_results(docs, names)
+    write_report(merged, out)
+    print_results_table(merged, f"card report ({len(docs)} result sets)")
+    typer.echo(f"wrote {out}/results.json, report.md, report.html")
+
+
+app.command("report")(user_errors(report_command))
+
+
+def lm_eval_command(ctx: typer.Context) -> None:
+    """Run lm-eval's own CLI with the `card` model registered: card lm-eval --model card --model_args ... --tasks ..."""
+    import card.eval.lm_model  # noqa: F401  (registers the `card` model)
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = sys.argv
+    sys.argv = ["lm-eval", *ctx.args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
+
+
+app.command("lm-eval", add_help_option=False,
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(user_errors(lm_eval_command))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

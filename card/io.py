@@ -15,6 +15,12 @@ import torch
 from card.errors import CardError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing destination unless ``overwrite``; fail early, before any work is done."""
     dst = Path(dst)
@@ -33,9 +39,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     dst = check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
     try:
         yield tmp
         if dst.exists():
@@ -60,6 +64,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any new file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
