@@ -148,6 +148,32 @@ def generate_command(
 app.command("generate")(user_errors(generate_command))
 
 
+# ----------------------------------------------------------------------------------------------- adapt
+def adapt_command(
+    recipe: str = typer.Argument(..., help="YAML recipe (see recipes/)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe key: key.sub=value (repeatable)"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="run directory (default: the recipe's output_dir)"),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="processes on this node; > 1 launches torchrun"),
+    nnodes: int = typer.Option(1, "--nnodes", help="number of nodes (run the same command on each)"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this node's rank (static rendezvous)"),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="address of node 0 (static rendezvous)"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="port on node 0 (default 29500 multi-node)"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for c10d rendezvous instead"),
+    prepare_only: bool = typer.Option(False, "--prepare-only", help="check, cache the data, write the run dir; no training"),
+) -> None:
+    """Adapt a CARD checkpoint under the CARD objective (DeepSpeed ZeRO); resumes automatically."""
+    from card.adapt import adapt
+
+    r = adapt(recipe, overrides=set_ or (), output_dir=output_dir, nproc_per_node=nproc_per_node, nnodes=nnodes,
+              node_rank=node_rank, master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint,
+              prepare_only=prepare_only)
+    if r.final.exists() and not prepare_only:
+        typer.echo(f"final checkpoint: {r.final}\nmetrics: {r.output_dir / 'metrics.jsonl'}")
+
+
+app.command("adapt")(user_errors(adapt_command))
+
+
 # ------------------------------------------------------------------------------------------------ eval
 def print_results_table(results: dict, title: str) -> None:
     """The comparison table of a results document (one row per run) and its footnotes, on stdout."""
