@@ -272,3 +272,19 @@ def test_prompt_completion_masks_only_answers(stories_card, env, tmp_path):
     assert train[-1]["tokens"] < 12 * 2 * 4 * 48  # padded rows: only real tokens count
     assert val[-1]["val_loss"] < val[0]["val_loss"]
     assert tf.AutoModelForCausalLM.from_pretrained(run / "final") is not None
+
+
+def test_plain_ar_objective_trains_an_unconverted_checkpoint(tiny_ckpt, stories_txt, env, tmp_path):
+    """objective.kind: ar is ordinary next-token training on the same engine (the demo's AR pre-training and the
+    plain-AR baselines): it accepts a checkpoint without a mask token and leaves it a plain checkpoint."""
+    run = tmp_path / "run"
+    ok(card_adapt(["recipes/stories260k-cpu.yaml", "--set", f"model={tiny_ckpt('llama')}", "--set", f"data.path={stories_txt}",
+                   "--set", "objective.kind=ar", "--set", "data.separator=eos", "--set", "train.seq_len=64",
+                   "--set", "train.max_steps=30", "--set", "train.log_every=1", "--set", "train.lr=3e-3",
+                   "--set", "data.max_validation_blocks=8", "--output-dir", run], {**env, "OMP_NUM_THREADS": "1"}))
+    train, val = metrics(run)
+    assert all(x["mask_ratio"] == 0 and x["ar_loss"] == pytest.approx(x["loss"], rel=1e-6) for x in train)
+    assert all(x["val_loss"] == x["val_ar_loss"] for x in val)
+    assert val[-1]["val_ar_loss"] < val[0]["val_ar_loss"] - 0.5  # a random model learns the text
+    final = tf.AutoModelForCausalLM.from_pretrained(run / "final")
+    assert read_metadata(final.config) is None

@@ -52,7 +52,7 @@ def preflight(recipe: Recipe, world_size: int) -> None:
     info = resolve_model(recipe)
     build_ds_config(recipe, world_size, getattr(info.config, "hidden_size", None), torch.cuda.is_available())
     tok = tf.AutoTokenizer.from_pretrained(info.path)
-    separator = recipe.data.separator or info.meta.doc_separator
+    separator = recipe.data.separator or info.doc_separator
     load_data(recipe.data, tok, recipe.train.seq_len, separator, tokenizer_fingerprint(info.path),
               log=lambda m: print(m, file=sys.stderr, flush=True))
 

@@ -155,12 +155,20 @@ def card_loss(
     )
 
 
-@torch.no_grad()
-def ar_loss(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, int]:
-    """Plain AR cross-entropy on clean input (t = 0): (mean CE, supervised targets)."""
+def causal_lm_loss(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> CardLoss:
+    """Plain AR cross-entropy on clean input (t = 0; w = 1 everywhere), differentiable.
+
+    The objective of ordinary AR pre-training / fine-tuning, on the same shift as ``card_loss``.
+    """
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
     logits = model(input_ids=ids[:, :-1], attention_mask=_attention_mask(valid)).logits
     sup = valid[:, :-1] & valid[:, 1:]
-    _, ce = weighted_ce(logits, ids[:, 1:], torch.ones_like(sup, dtype=torch.float32), sup)
-    n = int(sup.sum())
-    return float(ce.sum()) / max(n, 1), n
+    loss, _ = weighted_ce(logits, ids[:, 1:], torch.ones_like(sup, dtype=torch.float32), sup)
+    return CardLoss(loss=loss, corrupt_ce=float(loss.detach()), mask_ratio=0.0, tokens=int(sup.sum()))
+
+
+@torch.no_grad()
+def ar_loss(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, int]:
+    """Plain AR cross-entropy on clean input (t = 0): (mean CE, supervised targets)."""
+    out = causal_lm_loss(model, ids, valid)
+    return float(out.loss), out.tokens

@@ -52,6 +52,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveSection:
+    kind: Literal["card", "ar"] = "card"  # ar: plain next-token CE on clean input (AR pre-training/fine-tuning)
     tail_factor: float | None = None  # None: from the checkpoint's card metadata
     decay_p: float | None = None
     beta: float | None = None

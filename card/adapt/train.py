@@ -31,10 +31,10 @@ import torch
 import yaml
 
 from card.adapt.launch import die_with_parent
-from card.adapt.objective import ObjectiveConfig, ar_loss, card_loss
+from card.adapt.objective import ObjectiveConfig, ar_loss, card_loss, causal_lm_loss
 from card.adapt.recipe import Recipe, recipe_from_dict
 from card.errors import CardError
-from card.metadata import CardMetadata, read_metadata, write_metadata
+from card.metadata import CardMetadata, ObjectiveDefaults, read_metadata, write_metadata
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,7 +73,11 @@ def _first_line(e: BaseException) -> str:
 class ModelInfo:
     path: str  # local directory
     config: Any  # transformers PretrainedConfig
-    meta: CardMetadata
+    meta: CardMetadata | None  # None: a plain AR checkpoint (allowed for objective.kind: ar)
+
+    @property
+    def doc_separator(self) -> str:
+        return self.meta.doc_separator if self.meta else "eos"
 
 
 def max_positions(config) -> int | None:
@@ -86,7 +90,7 @@ def max_positions(config) -> int | None:
 
 def resolve_model(recipe: Recipe) -> ModelInfo:
     """The recipe's checkpoint as a local directory, checked from its config alone (no weights read):
-    it must be a CARD checkpoint and hold ``train.seq_len`` positions."""
+    it must hold ``train.seq_len`` positions and, for the CARD objective, be a CARD checkpoint."""
     import transformers as tf
 
     from card.checkpoint import check_checkpoint_path
@@ -101,7 +105,7 @@ def resolve_model(recipe: Recipe) -> ModelInfo:
             raise CardError(f"recipe key model: {recipe.model!r} is not a local directory and the hub could not "
                             f"provide it ({_first_line(e)})") from None
     try:
-        meta = check_checkpoint_path(path, require_card=True)
+        meta = check_checkpoint_path(path, require_card=recipe.objective.kind == "card")
     except CardError as e:
         raise CardError(f"recipe key model: {e}") from None
     config = tf.AutoConfig.from_pretrained(path)
@@ -111,8 +115,8 @@ def resolve_model(recipe: Recipe) -> ModelInfo:
     return ModelInfo(str(path), config, meta)
 
 
-def objective_config(recipe: Recipe, meta: CardMetadata) -> ObjectiveConfig:
-    o, d = recipe.objective, meta.objective
+def objective_config(recipe: Recipe, meta: CardMetadata | None) -> ObjectiveConfig:
+    o, d = recipe.objective, (meta.objective if meta else ObjectiveDefaults())
     return ObjectiveConfig(
         tail_factor=d.tail_factor if o.tail_factor is None else o.tail_factor,
         decay_p=d.decay_p if o.decay_p is None else o.decay_p,
@@ -279,7 +283,7 @@ class Context:
     rank: int
     world: int
     device: Any
-    mask_id: int
+    mask_id: int | None  # None for objective.kind: ar on a plain checkpoint
     objective: ObjectiveConfig
     completion_only: bool
 
@@ -298,7 +302,8 @@ def _to(batch, device):
 
 @torch.no_grad()
 def validate(ctx: Context, engine, rows) -> tuple[float, float]:
-    """(CARD loss with fixed masks, clean AR loss) over the validation rows, token-weighted across ranks.
+    """(CARD loss with fixed masks, clean AR loss) over the validation rows, token-weighted across ranks
+    (both the AR loss for a plain checkpoint, which has no mask token).
 
     Under ZeRO-3 every forward is collective, so every rank runs the same number of them (ranks with no
     batch left re-run one with weight 0).
@@ -311,10 +316,14 @@ def validate(ctx: Context, engine, rows) -> tuple[float, float]:
     for k in range(math.ceil(len(batches) / ctx.world)):
         index, weight = (mine[k], 1.0) if k < len(mine) else (batches[0], 0.0)
         ids, valid, maskable = _to(rows.batch(index), ctx.device)
-        gen = torch.Generator().manual_seed(mix_seed(ctx.recipe.seed, "validation", index[0]))
-        out = card_loss(engine, ids, ctx.mask_id, ctx.objective, gen, valid, maskable if ctx.completion_only else None)
         ar, n = ar_loss(engine, ids, valid)
-        sums = [s + weight * v for s, v in zip(sums, (out.loss.item() * out.tokens, out.tokens, ar * n, n))]
+        card, m = ar, n  # without a mask token (plain AR checkpoint) the validation loss is the AR loss
+        if ctx.mask_id is not None:
+            gen = torch.Generator().manual_seed(mix_seed(ctx.recipe.seed, "validation", index[0]))
+            out = card_loss(engine, ids, ctx.mask_id, ctx.objective, gen, valid,
+                            maskable if ctx.completion_only else None)
+            card, m = out.loss.item(), out.tokens
+        sums = [s + weight * v for s, v in zip(sums, (card * m, m, ar * n, n))]
     engine.train()
     s = _all_reduce(sums, ctx.device)
     return s[0] / max(s[1], 1), s[2] / max(s[3], 1)
@@ -375,8 +384,9 @@ def consolidate(ckdir: Path, tag: str, info: ModelInfo, dst: Path, record: dict)
         raise CardError(f"consolidation of {ckdir / tag} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(src_dtype)
     meta = read_metadata(config)
-    meta.adaptation.append(record)
-    write_metadata(model.config, meta)
+    if meta is not None:  # a plain AR checkpoint trained with objective.kind: ar stays a plain checkpoint
+        meta.adaptation.append(record)
+        write_metadata(model.config, meta)
     try:
         model.generation_config = tf.GenerationConfig.from_pretrained(info.path)
     except OSError:
@@ -435,14 +445,15 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
     precision = resolve_precision(t.precision, cuda)
     stage = ds_config["zero_optimization"].get("stage", 0)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    ctx = Context(recipe, run_dir, rank, world, device, info.meta.mask_token_id, objective_config(recipe, info.meta),
+    ctx = Context(recipe, run_dir, rank, world, device, info.meta.mask_token_id if info.meta else None,
+                  objective_config(recipe, info.meta),
                   recipe.objective.mask_scope == "completion")
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
 
     # Data: one builder per node (local rank 0), the other ranks load its cache after the barrier.
     tok = tf.AutoTokenizer.from_pretrained(info.path)
-    separator = recipe.data.separator or info.meta.doc_separator
+    separator = recipe.data.separator or info.doc_separator
     load = lambda build: load_data(recipe.data, tok, t.seq_len, separator, tokenizer_fingerprint(info.path), build,  # noqa: E731
                                    log=ctx.log if build else (lambda _: None))
     data = load(True) if local_rank == 0 else None
@@ -505,8 +516,9 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
         torch.manual_seed(mix_seed(recipe.seed, "dropout", step, rank))
         micro_batches = next(batches)
         log_now = n % t.log_every == 0 or n == t.max_steps
+        plain_ar = recipe.objective.kind == "ar"
         ar = 0.0
-        if log_now:  # the clean-input diagnostic on the step's first micro-batch, before the update
+        if log_now and not plain_ar:  # the clean-input diagnostic on the step's first micro-batch, before the update
             engine.eval()  # (a collective forward under ZeRO-3: every rank runs it)
             ids, valid, _ = _to(micro_batches[0], device)
             ar = ar_loss(engine, ids, valid)[0]
@@ -516,7 +528,12 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
             ids, valid, maskable = _to(b, device)
             g = (step * t.gradient_accumulation_steps + micro) * world + rank  # global micro-batch number
             gen = torch.Generator().manual_seed(mix_seed(recipe.seed, "mask", g))
-            out = card_loss(engine, ids, ctx.mask_id, ctx.objective, gen, valid, maskable if ctx.completion_only else None)
+            if plain_ar:
+                out = causal_lm_loss(engine, ids, valid)
+                ar += out.loss.item() / len(micro_batches) if log_now else 0.0  # the training loss is the AR loss
+            else:
+                out = card_loss(engine, ids, ctx.mask_id, ctx.objective, gen, valid,
+                                maskable if ctx.completion_only else None)
             engine.backward(out.loss)
             engine.step()
             sums = [s + v for s, v in zip(sums, (out.loss.item(), out.corrupt_ce, out.mask_ratio, float(valid.sum())))]
@@ -565,7 +582,7 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
     record = {
         "recipe": recipe.name, "recipe_sha256": recipe.sha256(), "steps": t.max_steps, "tokens": tokens_seen,
         "seq_len": t.seq_len, "world_size": world, "zero_stage": stage, "precision": precision,
-        "data": recipe.data.path, "objective": asdict(ctx.objective),
+        "data": recipe.data.path, "objective": {"kind": recipe.objective.kind, **asdict(ctx.objective)},
         "final": {k: last.get(s, {}).get(k) for s, k in (("train", "loss"), ("train", "ar_loss"),
                                                             ("validation", "val_loss"), ("validation", "val_ar_loss"))},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
