@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/card convert "$${CARD_DATA_DIR:-../shared/data}/stories260K_hf" runs/demo/stories260K-card --overwrite
+	$(VENV)/bin/card demo --overwrite
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from card.demo.pipeline import DEFAULT_REAL_TASKS
 from card.errors import CardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CARD toolkit: convert, adapt and evaluate causal LMs.")
@@ -265,6 +266,30 @@ def lm_eval_command(ctx: typer.Context) -> None:
 
 app.command("lm-eval", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(user_errors(lm_eval_command))
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def demo_command(
+    out: str = typer.Option("runs/demo", help="run folder (data, checkpoints, report)"),
+    quick: bool = typer.Option(False, help="a small, fast version (CI): fewer steps and held-out problems"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+    seed: int = typer.Option(0, help="seed for the tasks, the model and the training order"),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="DeepSpeed processes (default: 2 on CPU)"),
+    model: Optional[str] = typer.Option(None, help="a real checkpoint (dir or hub id) instead of the embedded model"),
+    data: Optional[str] = typer.Option(None, help="with --model: text corpus (file, folder or hub id) to adapt on"),
+    tasks: Optional[str] = typer.Option(None, help=f"with --model: lm-eval tasks (default {DEFAULT_REAL_TASKS})"),
+    set_ar: Optional[list[str]] = typer.Option(None, "--set-ar", help="override a key of the AR pre-training recipe"),
+    set_card: Optional[list[str]] = typer.Option(None, "--set-card", help="override a key of the CARD recipe"),
+) -> None:
+    """Run the whole pipeline end to end (pre-train, convert, adapt, evaluate, report) and print the table."""
+    from card.demo.pipeline import print_summary, run_demo
+
+    result = run_demo(out, quick=quick, overwrite=overwrite, seed=seed, nproc_per_node=nproc_per_node, model=model,
+                      data=data, tasks=tasks, ar_overrides=set_ar or (), card_overrides=set_card or (), console=console)
+    print_summary(result, print_results_table, Console(highlight=False))
+
+
+app.command("demo")(user_errors(demo_command))
 
 
 if __name__ == "__main__":  # pragma: no cover

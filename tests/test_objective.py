@@ -151,3 +151,18 @@ def test_card_loss_masks_tail_and_supervises_every_position():
     # Same seed, same loss: a step is a pure function of its generator.
     again = card_loss(model, ids, 299, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(out.loss.detach(), again.loss.detach())
+
+
+def test_targets_restrict_supervision_to_completions():
+    """loss_scope completion: only completion tokens are targets; the prompt is still attended to."""
+    model, tok = factory.tiny_model("llama")
+    ids = tok(["Tom had a red ball. It was red."], return_tensors="pt").input_ids
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[:, -4:] = True  # the "completion"
+    loss, n = ar_loss(model, ids, targets=targets)
+    labels = ids.masked_fill(~targets, -100)
+    with torch.no_grad():
+        hf = model(input_ids=ids, labels=labels).loss
+    assert n == 4 and abs(loss - hf.item()) < 1e-6
+    out = card_loss(model, ids, 299, ObjectiveConfig(), torch.Generator().manual_seed(0), targets=targets)
+    assert out.tokens == 4

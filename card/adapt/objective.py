@@ -110,6 +110,12 @@ def weighted_ce(
     return (w * ce).sum() / w.sum().clamp_min(1e-12), ce
 
 
+def _supervised(valid: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """(B, T-1): input position j is supervised when it is real and x0[j+1] is a real, supervised target."""
+    tgt = valid if targets is None else (targets.bool() & valid)
+    return valid[:, :-1] & tgt[:, 1:]
+
+
 def _attention_mask(valid: torch.Tensor) -> torch.Tensor | None:
     """None for fully packed rows, so the CARD and AR steps take the same fast causal-attention path."""
     return None if bool(valid.all()) else valid[:, :-1].long()
@@ -131,12 +137,14 @@ def card_loss(
     generator: torch.Generator,
     valid: torch.Tensor | None = None,
     maskable: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> CardLoss:
     """One CARD forward: corrupt ``ids`` (clean x0), predict the clean next token at every position.
 
     Shift exactly as AR training: inputs = x_t[:, :-1], targets = x0[:, 1:]; every valid position is
     supervised, masked or not. ``valid`` marks real (non-padding) tokens; ``maskable`` (default ``valid``)
-    the positions the noise may hit.
+    the positions the noise may hit; ``targets`` (default ``valid``) the tokens that are supervised as
+    targets (e.g. only completions of prompt/completion rows).
     """
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
     maskable = valid if maskable is None else (maskable.bool() & valid)
@@ -144,7 +152,7 @@ def card_loss(
     corrupted, masked = soft_tail_mask(ids, t, cfg.tail_factor, mask_id, generator, maskable)
     weights = context_weights(masked, cfg.decay_p, cfg.beta)
     logits = model(input_ids=corrupted[:, :-1], attention_mask=_attention_mask(valid)).logits
-    sup = valid[:, :-1] & valid[:, 1:]
+    sup = _supervised(valid, targets)
     loss, ce = weighted_ce(logits, ids[:, 1:], weights[:, :-1], sup)
     n = int(sup.sum())
     return CardLoss(
@@ -155,20 +163,25 @@ def card_loss(
     )
 
 
-def causal_lm_loss(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> CardLoss:
+def causal_lm_loss(
+    model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None, targets: torch.Tensor | None = None
+) -> CardLoss:
     """Plain AR cross-entropy on clean input (t = 0; w = 1 everywhere), differentiable.
 
-    The objective of ordinary AR pre-training / fine-tuning, on the same shift as ``card_loss``.
+    The objective of ordinary AR pre-training / fine-tuning, on the same shift as ``card_loss``;
+    ``targets`` as there.
     """
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
     logits = model(input_ids=ids[:, :-1], attention_mask=_attention_mask(valid)).logits
-    sup = valid[:, :-1] & valid[:, 1:]
+    sup = _supervised(valid, targets)
     loss, _ = weighted_ce(logits, ids[:, 1:], torch.ones_like(sup, dtype=torch.float32), sup)
     return CardLoss(loss=loss, corrupt_ce=float(loss.detach()), mask_ratio=0.0, tokens=int(sup.sum()))
 
 
 @torch.no_grad()
-def ar_loss(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, int]:
+def ar_loss(
+    model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None, targets: torch.Tensor | None = None
+) -> tuple[float, int]:
     """Plain AR cross-entropy on clean input (t = 0): (mean CE, supervised targets)."""
-    out = causal_lm_loss(model, ids, valid)
+    out = causal_lm_loss(model, ids, valid, targets)
     return float(out.loss), out.tokens

@@ -59,6 +59,7 @@ class ObjectiveSection:
     t_min: float = 0.0
     t_max: float = 1.0
     mask_scope: Literal["all", "completion"] = "all"  # completion: masks only hit completion tokens
+    loss_scope: Literal["all", "completion"] = "all"  # completion: only completion tokens are targets (SFT-style)
 
 
 @dataclass
@@ -349,8 +350,9 @@ def validate(r: Recipe) -> Recipe:
     if (d.prompt_field is None) != (d.completion_field is None):
         missing = "data.completion_field" if d.completion_field is None else "data.prompt_field"
         raise _err(missing, "is required when the other of data.prompt_field / data.completion_field is set")
-    if o.mask_scope == "completion" and d.completion_field is None:
-        raise _err("objective.mask_scope", "'completion' needs data.prompt_field and data.completion_field")
+    for key, scope in (("objective.mask_scope", o.mask_scope), ("objective.loss_scope", o.loss_scope)):
+        if scope == "completion" and d.completion_field is None:
+            raise _err(key, "'completion' needs data.prompt_field and data.completion_field")
     if d.path is None and d.data_files is None:
         raise _err("data.path", "is required (a text/json/jsonl/csv/parquet file or folder, or a hub dataset id)")
     if d.path is not None and Path(d.path).is_absolute():

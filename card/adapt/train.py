@@ -285,7 +285,11 @@ class Context:
     device: Any
     mask_id: int | None  # None for objective.kind: ar on a plain checkpoint
     objective: ObjectiveConfig
-    completion_only: bool
+    completion_only: bool  # masks only hit completion tokens
+    completion_loss: bool  # only completion tokens are targets
+
+    def targets(self, maskable):
+        return maskable if self.completion_loss else None
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -316,12 +320,12 @@ def validate(ctx: Context, engine, rows) -> tuple[float, float]:
     for k in range(math.ceil(len(batches) / ctx.world)):
         index, weight = (mine[k], 1.0) if k < len(mine) else (batches[0], 0.0)
         ids, valid, maskable = _to(rows.batch(index), ctx.device)
-        ar, n = ar_loss(engine, ids, valid)
+        ar, n = ar_loss(engine, ids, valid, ctx.targets(maskable))
         card, m = ar, n  # without a mask token (plain AR checkpoint) the validation loss is the AR loss
         if ctx.mask_id is not None:
             gen = torch.Generator().manual_seed(mix_seed(ctx.recipe.seed, "validation", index[0]))
             out = card_loss(engine, ids, ctx.mask_id, ctx.objective, gen, valid,
-                            maskable if ctx.completion_only else None)
+                            maskable if ctx.completion_only else None, ctx.targets(maskable))
             card, m = out.loss.item(), out.tokens
         sums = [s + weight * v for s, v in zip(sums, (card * m, m, ar * n, n))]
     engine.train()
@@ -447,7 +451,7 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     ctx = Context(recipe, run_dir, rank, world, device, info.meta.mask_token_id if info.meta else None,
                   objective_config(recipe, info.meta),
-                  recipe.objective.mask_scope == "completion")
+                  recipe.objective.mask_scope == "completion", recipe.objective.loss_scope == "completion")
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
 
@@ -520,8 +524,8 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
         ar = 0.0
         if log_now and not plain_ar:  # the clean-input diagnostic on the step's first micro-batch, before the update
             engine.eval()  # (a collective forward under ZeRO-3: every rank runs it)
-            ids, valid, _ = _to(micro_batches[0], device)
-            ar = ar_loss(engine, ids, valid)[0]
+            ids, valid, maskable = _to(micro_batches[0], device)
+            ar = ar_loss(engine, ids, valid, ctx.targets(maskable))[0]
             engine.train()
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, corrupt_ce, mask_ratio, input tokens
         for micro, b in enumerate(micro_batches):
@@ -529,11 +533,11 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
             g = (step * t.gradient_accumulation_steps + micro) * world + rank  # global micro-batch number
             gen = torch.Generator().manual_seed(mix_seed(recipe.seed, "mask", g))
             if plain_ar:
-                out = causal_lm_loss(engine, ids, valid)
+                out = causal_lm_loss(engine, ids, valid, ctx.targets(maskable))
                 ar += out.loss.item() / len(micro_batches) if log_now else 0.0  # the training loss is the AR loss
             else:
                 out = card_loss(engine, ids, ctx.mask_id, ctx.objective, gen, valid,
-                                maskable if ctx.completion_only else None)
+                                maskable if ctx.completion_only else None, ctx.targets(maskable))
             engine.backward(out.loss)
             engine.step()
             sums = [s + v for s, v in zip(sums, (out.loss.item(), out.corrupt_ce, out.mask_ratio, float(valid.sum())))]

@@ -78,7 +78,8 @@ def notes(results: dict) -> list[str]:
     out = ["tok/fwd: generated tokens per forward pass over the generation tasks (per request, so independent "
            "of the batch size); tok/s: generated tokens per wall-clock second; speedup: tok/s over the CARD "
            "model's AR run in the same invocation; agree w/ AR: fraction of generation requests whose output "
-           "equals that AR run's exactly (for the baseline: a check of the conversion)."]
+           "equals that AR run's exactly (for the baseline: 1.0 when the CARD model is its unadapted "
+           "conversion, a check that conversion keeps the AR model)."]
     if any(r.get("scores_from") for r in results["runs"]):
         out.append(f"{REUSED_MARK} Tasks that do not generate (loglikelihood, multiple choice, perplexity) do not "
                    "depend on the decoding mode: they were scored once per model, in its first mode, and reused.")
