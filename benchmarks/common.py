@@ -27,6 +27,32 @@ def converted_stories260k(tmp: str | Path) -> Path:
     return dst
 
 
+def build_llama(path: str | Path, hidden: int, layers: int, heads: int, ffn: int, tied: bool,
+                max_positions: int = 1024) -> Path:
+    """A randomly initialised Llama checkpoint with the real Llama-2 32k SentencePiece tokenizer."""
+    import shutil
+    import tempfile
+
+    import transformers as tf
+
+    src = Path(tempfile.mkdtemp())
+    shutil.copy(data_dir() / "llama2_tokenizer" / "tokenizer.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",'
+        f' "add_bos_token": true, "add_eos_token": false, "legacy": false, "model_max_length": {max_positions}}}'
+    )
+    tok = tf.AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    path = Path(path)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    shutil.rmtree(src)
+    return path
+
+
 def story_prompts(n: int, sentences: int = 1, min_chars: int = 20) -> list[str]:
     """The first ``sentences`` sentence(s) of ``n`` distinct TinyStories paragraphs (validation split)."""
     text = (data_dir() / STORIES_FILE).read_text(encoding="utf-8")

@@ -2,8 +2,8 @@
 
     python -m benchmarks.convert [--out benchmarks/results] [--repeats 3]
 
-Models: the real stories260K (HF folder in ``$CARD_DATA_DIR``) and a randomly initialised 110M-parameter
-Llama (12 layers, width 768, the real Llama-2 32k SentencePiece tokenizer from the data folder), saved
+Models: the real stories260K (HF folder in ``$CARD_DATA_DIR``) and a randomly initialised 134M-parameter
+Llama (12 layers, width 768, untied, the real Llama-2 32k SentencePiece tokenizer from the data folder), saved
 locally first. For each, the median wall time of (a) load + save of model and tokenizer, (b) conversion
 with verification (the default: it reloads the written checkpoint and compares logits), (c) conversion with
 ``--no-verify``; the runs are interleaved so machine noise hits all three alike. Reports (b)/(a) and (c)/(a).
@@ -18,30 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import transformers as tf
 
-from benchmarks.common import data_dir, environment, markdown_table, write_results
+from benchmarks.common import build_llama, data_dir, environment, markdown_table, write_results
 from card.convert import convert
 
 
 def build_llama_110m(path: Path) -> Path:
-    """A Llama-architecture checkpoint of about 110M parameters with the real Llama-2 tokenizer."""
-    src = Path(tempfile.mkdtemp())
-    shutil.copy(data_dir() / "llama2_tokenizer" / "tokenizer.model", src / "tokenizer.model")
-    (src / "tokenizer_config.json").write_text(
-        '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",'
-        ' "add_bos_token": true, "add_eos_token": false, "legacy": false, "model_max_length": 1024}'
-    )
-    tok = tf.AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    shutil.rmtree(src)
-    return path
+    """A Llama-architecture checkpoint of about 134M parameters (untied) with the real Llama-2 tokenizer."""
+    return build_llama(path, hidden=768, layers=12, heads=12, ffn=2048, tied=False)
 
 
 def load_and_save(src: Path, dst: Path) -> None:
@@ -84,7 +69,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows.append(measure("stories260K", data_dir() / "stories260K_hf", tmp, args.repeats))
-        rows.append(measure("llama-110M", build_llama_110m(tmp / "llama110m"), tmp, args.repeats))
+        rows.append(measure("llama-134M", build_llama_110m(tmp / "llama110m"), tmp, args.repeats))
     cols = [("model", "model"), ("params", "params"), ("load_save_s", "load+save s"), ("convert_s", "convert s"),
             ("convert_over_load_save", "convert / load+save"), ("convert_no_verify_s", "convert --no-verify s"),
             ("no_verify_over_load_save", "no-verify / load+save")]
