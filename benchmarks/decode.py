@@ -52,7 +52,8 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
-def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
+                stop: tuple[str, ...] = ()) -> list[list[int]]:
     """Greedy ``model.generate`` on left-padded batches; returns the generated ids (without padding)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs = []
@@ -62,12 +63,15 @@ def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_t
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with torch.inference_mode():
+            extra = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, past_key_values=tf.DynamicCache(config=model.config))
+                                 pad_token_id=pad, past_key_values=tf.DynamicCache(config=model.config), **extra)
         eos = model.generation_config.eos_token_id
         eos = {eos} if isinstance(eos, int) else set(eos or [])
         for row in out[:, width:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            if stop:  # a finished row is padded: cut it after the token that completed a stop string
+                cut = next((i + 1 for i in range(cut) if any(s in tokenizer.decode(row[:i + 1]) for s in stop)), cut)
             outputs.append(row[:cut])
     return outputs
 
@@ -79,7 +83,8 @@ def forward_cost(model, prefix: int, batch: int, repeats: int) -> list[dict]:
     The query lengths are timed round-robin so that background load affects them alike.
     """
     cache = tf.DynamicCache(config=model.config)
-    ids = torch.randint(3, 300, (batch, prefix + max(QUERY_LENGTHS)))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, min(300, vocab), (batch, prefix + max(QUERY_LENGTHS)))
     model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
     wall: dict[int, list[float]] = {q: [] for q in QUERY_LENGTHS}
     cpu: dict[int, list[float]] = {q: [] for q in QUERY_LENGTHS}
@@ -98,8 +103,16 @@ def forward_cost(model, prefix: int, batch: int, repeats: int) -> list[dict]:
              "cost_vs_1": ms[q] / ms[1], "cpu_cost_vs_1": cpu_ms[q] / cpu_ms[1]} for q in QUERY_LENGTHS]
 
 
+def file_prompts(path: str, n: int) -> list[str]:
+    """The first ``n`` prompts of a JSONL file with a ``prompt`` field (e.g. the demo's held-out problems)."""
+    import json
+
+    lines = [json.loads(x)["prompt"] for x in open(path, encoding="utf-8") if x.strip()]
+    return lines[:n]
+
+
 def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: int, block_size: int | None,
-        threads: int | None) -> tuple[dict, str]:
+        threads: int | None, prompt_file: str | None = None, stop: tuple[str, ...] = ()) -> tuple[dict, str]:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +120,7 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
         ck = load_checkpoint(path, dtype="float32", require_card=True)
     model, tok = ck.model, ck.tokenizer
     block_size = ck.meta.decoding.block_size if block_size is None else block_size
-    prompts = story_prompts(n_prompts)
+    prompts = file_prompts(prompt_file, n_prompts) if prompt_file else story_prompts(n_prompts)
     decode("ar", model, tok, prompts[:1], max_new_tokens=8)  # warm-up (first-call allocations)
 
     runs: dict[tuple[str, int], list[float]] = {}  # wall seconds
@@ -124,8 +137,8 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
         for bs in BATCH_SIZES:
             for label, mode, kw in modes(block_size):
                 timed((label, bs), lambda: decode(mode, model, tok, prompts, max_new_tokens=max_new_tokens,
-                                                  batch_size=bs, **kw))
-            timed(("hf-generate", bs), lambda: hf_generate(model, tok, prompts, bs, max_new_tokens))
+                                                  batch_size=bs, stop_strings=stop, **kw))
+            timed(("hf-generate", bs), lambda: hf_generate(model, tok, prompts, bs, max_new_tokens, stop))
 
     rows = []
     for bs in BATCH_SIZES:
@@ -147,13 +160,17 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
                 "cpu_speedup_vs_ar": tokens / cpu_seconds / ar_cpu_tps,
                 "agreement_with_ar": agreement(ar_ids, ids),
             })
-    costs = [row for bs in BATCH_SIZES for prefix in (64, 256) for row in forward_cost(model, prefix, bs, 200)]
+    limit = getattr(model.config, "max_position_embeddings", 4096) - max(QUERY_LENGTHS)
+    prefixes = [p for p in (64, 256) if p <= limit] or [limit // 2]
+    costs = [row for bs in BATCH_SIZES for prefix in prefixes for row in forward_cost(model, prefix, bs, 200)]
 
-    settings = {"model": str(model_path or "stories260K (converted)"), "prompts": len(prompts),
+    source = prompt_file or "TinyStories"
+    settings = {"model": str(model_path or "stories260K (converted)"), "prompts": len(prompts), "prompt_source": source,
+                "stop_strings": list(stop),
                 "max_new_tokens": max_new_tokens, "block_size": block_size, "repeats": repeats,
                 "params": sum(p.numel() for p in model.parameters()), **environment()}
     md = "\n\n".join([
-        f"## Decoding: {settings['model']}, {len(prompts)} TinyStories prompts, {max_new_tokens} new tokens, "
+        f"## Decoding: {settings['model']}, {len(prompts)} prompts ({source}), {max_new_tokens} new tokens, "
         f"block size {block_size}, {settings['threads']} thread(s), median of {repeats}",
         markdown_table(rows, [("mode", "mode"), ("batch", "batch"), ("tokens", "tokens"), ("forwards", "forwards"),
                               ("tokens_per_forward", "tokens/forward"), ("tokens_per_second", "tokens/s"),
@@ -180,10 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
     p.add_argument("--block-size", type=int, default=None, help="masks per forward (default: checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--prompt-file", help="JSONL with a 'prompt' field (default: TinyStories sentences)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; the demo's is a newline)")
+    p.add_argument("--name", default="decode", help="output file stem")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    data, md = run(args.model, args.max_new_tokens, args.prompts, args.repeats, args.block_size, args.threads)
-    write_results(args.out, "decode", data, md)
+    stop = tuple(x.encode().decode("unicode_escape") for x in args.stop)  # allow --stop '\n'
+    data, md = run(args.model, args.max_new_tokens, args.prompts, args.repeats, args.block_size, args.threads,
+                   args.prompt_file, stop)
+    write_results(args.out, args.name, data, md)
     print(md)
 
 
