@@ -17,7 +17,8 @@ import datasets
 from card.paths import shared_data_dir
 
 TINYSTORIES = "tinystories/tinystories_v1_validation_first_stories.txt"
-HELDOUT_SPLIT = "train[90%:]"
+HELDOUT_SPLIT = "train[90%:]"  # evaluated here
+TRAIN_SPLIT = "train[:90%]"  # what the real-run adaptation trains on
 
 
 def _dd(**splits) -> datasets.DatasetDict:
