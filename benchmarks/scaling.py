@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from benchmarks.common import converted_stories260k, environment, markdown_table, story_prompts, write_results
 from benchmarks.decode import file_prompts

@@ -9,6 +9,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from card import paths  # noqa: E402
 from tests import factory  # noqa: E402
@@ -40,3 +41,22 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def stories_card(data_dir, tmp_path_factory) -> Path:
+    """The real stories260K converted to a CARD checkpoint, once per session (read-only for tests)."""
+    from card.convert import convert
+
+    dst = tmp_path_factory.mktemp("stories260K-card") / "stories260K-card"
+    convert(str(data_dir / "stories260K_hf"), dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and one thread does not fight other jobs on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

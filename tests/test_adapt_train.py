@@ -25,7 +25,6 @@ import transformers as tf
 from card.adapt import load_recipe
 from card.adapt.data import load_data, tokenizer_fingerprint
 from card.adapt.objective import ar_loss
-from card.convert import convert
 from card.metadata import read_metadata
 
 pytestmark = pytest.mark.slow
@@ -37,12 +36,6 @@ TRAIN_KEYS = {"step", "split", "loss", "ar_loss", "corrupt_ce", "mask_ratio", "l
               "tokens_per_second", "elapsed"}
 
 
-@pytest.fixture(scope="module")
-def stories_card(data_dir, tmp_path_factory) -> Path:
-    """The real stories260K, converted to a CARD checkpoint."""
-    dst = tmp_path_factory.mktemp("stories-card") / "stories260K-card"
-    convert(str(data_dir / "stories260K_hf"), dst)
-    return dst
 
 
 @pytest.fixture(scope="module")

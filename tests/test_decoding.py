@@ -23,18 +23,13 @@ from card.errors import CardError
 from card.eval import Request, decode, decode_ar, decode_lossless, decode_parallel, generate
 from tests import factory
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_PROMPTS = ["Once upon a time", "Tom had a red ball. He threw", "12 + 35 =", "The sun"]
 STORY_PROMPTS = ["Once upon a time", "Tom and Mia went to the park. They saw", "One day, a little dog", "Lily"]
 TINY_THRESHOLD = 0.05  # on the unadapted tiny models this accepts 1 to 5 tokens per forward: every path runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: one thread is fastest, and it avoids oversubscribing a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -65,16 +60,11 @@ def loaded(card_ckpt):
     return make
 
 
-@pytest.fixture(scope="session")
-def stories_path(data_dir, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("stories") / "card"
-    convert(str(data_dir / "stories260K_hf"), dst)
-    return dst
 
 
 @pytest.fixture(scope="session")
-def stories(stories_path):
-    return load_checkpoint(stories_path, dtype="float32", require_card=True)
+def stories(stories_card):
+    return load_checkpoint(stories_card, dtype="float32", require_card=True)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -443,12 +433,12 @@ def test_bad_prompts_are_one_line_errors(stories):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def test_cli_generate_streams_text_and_a_summary(stories_path, stories, monkeypatch):
+def test_cli_generate_streams_text_and_a_summary(stories_card, stories, monkeypatch):
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich emits colours as on a terminal
     monkeypatch.delenv("NO_COLOR", raising=False)
     expected = decode_parallel(stories.model, stories.tokenizer, STORY_PROMPTS[0], max_new_tokens=24,
                                threshold=0.3)[0]
-    result = CliRunner().invoke(app, ["generate", str(stories_path), STORY_PROMPTS[0], "--decoding", "parallel",
+    result = CliRunner().invoke(app, ["generate", str(stories_card), STORY_PROMPTS[0], "--decoding", "parallel",
                                       "--threshold", "0.3", "--max-new-tokens", "24"])
     assert result.exit_code == 0, result.output
     plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
@@ -459,10 +449,10 @@ def test_cli_generate_streams_text_and_a_summary(stories_path, stories, monkeypa
     assert "tokens/s" in summary
 
 
-def test_cli_generate_json(stories_path, stories):
+def test_cli_generate_json(stories_card, stories):
     expected = decode_lossless(stories.model, stories.tokenizer, STORY_PROMPTS[1], max_new_tokens=16,
                                block_size=3)[0]
-    result = CliRunner().invoke(app, ["generate", str(stories_path), STORY_PROMPTS[1], "--decoding", "lossless",
+    result = CliRunner().invoke(app, ["generate", str(stories_card), STORY_PROMPTS[1], "--decoding", "lossless",
                                       "--block-size", "3", "--max-new-tokens", "16", "--json"])
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)

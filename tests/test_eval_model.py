@@ -19,41 +19,26 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from card.checkpoint import load_checkpoint
-from card.convert import convert
 from card.errors import CardError
 from card.eval.lm_model import CardLM, decode_totals
 from card.eval.runner import BUNDLED_TASKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LIMIT = 8
 SCORING_TASKS = ["card_piqa", "card_hellaswag", "card_tinystories_ppl"]
 GEN_TASKS = ["card_gsm8k", "card_tinystories_cont"]
 
 
-def converted_stories(data_dir, tmp_path_factory):
-    """stories260K converted once per session (shared by the eval test modules through the base temp dir)."""
-    dst = tmp_path_factory.getbasetemp() / "eval-stories260K-card"
-    if not (dst / "config.json").exists():
-        convert(str(data_dir / "stories260K_hf"), dst, verify=False)
-    return dst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The model is tiny: one thread is fastest and does not fight the other jobs on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+
 
 
 @pytest.fixture(scope="module")
-def stories_path(data_dir, tmp_path_factory):
-    return converted_stories(data_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    return load_checkpoint(stories_path, dtype="float32", require_card=True)
+def stories(stories_card):
+    return load_checkpoint(stories_card, dtype="float32", require_card=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +56,16 @@ def by_doc(results, task):
 
 
 @pytest.fixture(scope="module")
-def hf_scoring(stories_path, tm):
+def hf_scoring(stories_card, tm):
     """lm-eval's own hf backend, loading the checkpoint itself."""
-    lm = HFLM(pretrained=str(stories_path), dtype="float32", device="cpu", batch_size=8)
+    lm = HFLM(pretrained=str(stories_card), dtype="float32", device="cpu", batch_size=8)
     return lm, run(lm, SCORING_TASKS, tm)
 
 
 @pytest.fixture(scope="module")
-def card_scoring(stories_path, tm):
+def card_scoring(stories_card, tm):
     """The card model built from the checkpoint path (as ``lm_eval --model card`` does)."""
-    lm = CardLM(pretrained=str(stories_path), dtype="float32", device="cpu", batch_size=8)
+    lm = CardLM(pretrained=str(stories_card), dtype="float32", device="cpu", batch_size=8)
     return lm, run(lm, SCORING_TASKS, tm)
 
 

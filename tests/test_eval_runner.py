@@ -11,44 +11,35 @@ import re
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from card.cli import app
 from card.errors import CardError
 from card.eval.runner import BUNDLED_TASKS, evaluate, parse_modes
-from tests.test_eval_model import converted_stories
 
 TASKS = "card_piqa,card_gsm8k,card_tinystories_ppl"
 MODES = "ar,parallel@0.5,lossless"
 LIMIT = 8
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LABELS = ["baseline (AR)", "ar", "parallel@0.5", "lossless"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+
 
 
 @pytest.fixture(scope="module")
-def stories_path(data_dir, tmp_path_factory):
-    return converted_stories(data_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def api_run(stories_path, data_dir, tmp_path_factory):
+def api_run(stories_card, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "api"
-    results = evaluate(stories_path, TASKS, MODES, baseline=data_dir / "stories260K_hf", limit=LIMIT, out=out)
+    results = evaluate(stories_card, TASKS, MODES, baseline=data_dir / "stories260K_hf", limit=LIMIT, out=out)
     return results, out
 
 
 @pytest.fixture(scope="module")
-def cli_run(stories_path, data_dir, tmp_path_factory):
+def cli_run(stories_card, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "cli"
-    r = CliRunner().invoke(app, ["eval", str(stories_path), "--tasks", TASKS, "--modes", MODES, "--baseline",
+    r = CliRunner().invoke(app, ["eval", str(stories_card), "--tasks", TASKS, "--modes", MODES, "--baseline",
                                  str(data_dir / "stories260K_hf"), "--limit", str(LIMIT), "--out", str(out)])
     return r, out
 
@@ -166,7 +157,7 @@ def test_mode_strings():
             parse_modes(bad)
 
 
-def test_bad_input_fails_before_any_model_is_loaded(stories_path, data_dir, tmp_path):
+def test_bad_input_fails_before_any_model_is_loaded(stories_card, data_dir, tmp_path):
     missing = tmp_path / "missing"
     # Mode and threshold errors come first: the checkpoint here does not even exist.
     with pytest.raises(CardError, match="unknown mode"):
@@ -178,11 +169,11 @@ def test_bad_input_fails_before_any_model_is_loaded(stories_path, data_dir, tmp_
     with pytest.raises(CardError, match="not a CARD checkpoint"):
         evaluate(data_dir / "stories260K_hf", "card_piqa", "ar,parallel")
     with pytest.raises(CardError, match="does not exist"):
-        evaluate(stories_path, "card_piqa", "ar", baseline=missing)
+        evaluate(stories_card, "card_piqa", "ar", baseline=missing)
     # A checkpoint with a config but no weights: an unknown task must be reported before loading would fail.
     config_only = tmp_path / "config-only"
     config_only.mkdir()
-    shutil.copy(stories_path / "config.json", config_only / "config.json")
+    shutil.copy(stories_card / "config.json", config_only / "config.json")
     with pytest.raises(CardError, match="unknown task 'card_nonexistent'"):
         evaluate(config_only, "card_piqa,card_nonexistent", "ar,parallel@0.7")
     with pytest.raises(CardError, match="cannot load checkpoint"):  # ... and that loading would have failed
@@ -196,11 +187,11 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ lm-eval CLI
-def test_lm_eval_passthrough_runs_the_card_model(stories_path, tmp_path):
+def test_lm_eval_passthrough_runs_the_card_model(stories_card, tmp_path):
     out = tmp_path / "lm-eval"
     r = CliRunner().invoke(app, [
         "lm-eval", "--model", "card", "--model_args",
-        f"pretrained={stories_path},decoding=parallel,threshold=0.7", "--tasks", "card_gsm8k",
+        f"pretrained={stories_card},decoding=parallel,threshold=0.7", "--tasks", "card_gsm8k",
         "--include_path", str(BUNDLED_TASKS), "--limit", "2", "--device", "cpu", "--batch_size", "2",
         "--output_path", str(out)])
     assert r.exit_code == 0, r.output
