@@ -127,8 +127,16 @@ def test_write_task_files(tmp_path):
     train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     assert len(train) == 40 and set(train[0]) == {"task", "prompt", "completion"}
     for row in train:
-        _check_answer(Problem(row["task"], row["prompt"], row["completion"][:-1]))
+        # the separator "=" opens the completion, so CARD masking can reach every answer position
+        assert not row["prompt"].endswith("=") and row["completion"].startswith("=")
+        _check_answer(Problem(row["task"], row["prompt"] + "=", row["completion"][1:-1]))
         assert row["completion"].endswith("\n")
+    old = write_task_files(tmp_path / "old", n_train=40, n_eval=10, seed=0, separator_in_completion=False)
+    old_rows = [json.loads(line) for line in old["train"].read_text().splitlines()]
+    assert [r["prompt"] + r["completion"] for r in old_rows] == [r["prompt"] + r["completion"] for r in train]
+    for row in old_rows:
+        assert row["prompt"].endswith("=")
+        _check_answer(Problem(row["task"], row["prompt"], row["completion"][:-1]))
     for name in TASKS:
         rows = [json.loads(line) for line in paths[name].read_text().splitlines()]
         assert len(rows) == 10 and set(rows[0]) == {"prompt", "answer"}

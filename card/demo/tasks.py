@@ -16,8 +16,9 @@ eval sets never share a problem, whatever seeds and sizes are used.
 
 ``build_char_tokenizer`` gives one token per character (printable ASCII and newline) plus ``<pad>``,
 ``<s>``, ``</s>`` and ``<unk>``; it prepends ``<s>`` when encoding and decodes back to the exact text.
-``write_task_files`` writes the training rows (``{"prompt", "completion"}``, JSONL) and one held-out
-evaluation file per task (``{"prompt", "answer"}``, JSONL).
+``write_task_files`` writes the training rows (``{"prompt", "completion"}``, JSONL; by default the prompt's
+final ``"="`` is moved to the start of the completion so that CARD masking can cover every answer position,
+see ``train_row``) and one held-out evaluation file per task (``{"prompt", "answer"}``, JSONL).
 """
 
 from __future__ import annotations
@@ -199,16 +200,35 @@ def eval_problems(n_per_task: int, seed: int, tasks: dict[str, Task] | None = No
     return {name: take(problems(t, seed, "eval"), n_per_task) for name, t in tasks.items()}
 
 
+def train_row(p: Problem, separator_in_completion: bool = True) -> dict[str, str]:
+    """One training row ``{"task", "prompt", "completion"}``; ``prompt + completion`` is always the full line.
+
+    With ``separator_in_completion`` (the default) the prompt's final ``"="`` opens the completion instead
+    (``"rev:abc"`` + ``"=cba\n"``). Why: the CARD noise masks ``N = floor(L * t) <= L - 1`` of the ``L``
+    completion tokens (a suffix, for tail factor 1), so the completion's FIRST token is never masked. At
+    inference the first parallel forward is ``prompt`` (ending in ``"="``) followed by masks, i.e. every
+    answer position masked; with ``"="`` as the first completion token that context is exactly the most
+    heavily masked training row, whereas with the answer as the completion it is never seen in training and
+    a small model can fill those masks confidently but wrongly (research runs: reversal exact match fell
+    from 1.00 to 0.30 under parallel decoding at threshold 0.9 for one seed). The evaluation prompts keep
+    their ``"="`` (``Problem.prompt``), so AR/parallel decoding starts right after it as before.
+    """
+    if separator_in_completion:
+        return {"task": p.task, "prompt": p.prompt[:-1], "completion": p.prompt[-1] + p.completion}
+    return {"task": p.task, "prompt": p.prompt, "completion": p.completion}
+
+
 def write_task_files(
-    out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0, tasks: dict[str, Task] | None = None
+    out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0, tasks: dict[str, Task] | None = None,
+    separator_in_completion: bool = True,
 ) -> dict[str, Path]:
-    """Write ``train.jsonl`` (``{"task", "prompt", "completion"}`` rows) and ``eval_<task>.jsonl``
-    (``{"prompt", "answer"}`` rows, ``n_eval`` per task) under ``out_dir``; return the paths by name
-    (``"train"`` and each task name)."""
+    """Write ``train.jsonl`` (``{"task", "prompt", "completion"}`` rows, see ``train_row``) and
+    ``eval_<task>.jsonl`` (``{"prompt", "answer"}`` rows, ``n_eval`` per task, the prompt ending in ``"="``)
+    under ``out_dir``; return the paths by name (``"train"`` and each task name)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl"}
-    _write_jsonl(paths["train"], ({"task": p.task, "prompt": p.prompt, "completion": p.completion}
+    _write_jsonl(paths["train"], (train_row(p, separator_in_completion)
                                   for p in train_problems(n_train, seed, tasks)))
     for name, probs in eval_problems(n_eval, seed, tasks).items():
         paths[name] = out / f"eval_{name}.jsonl"
