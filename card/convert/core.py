@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import transformers as tf
+from transformers.initialization import no_init_weights
 
 from card.convert.source import Source, check_causal, load_source
 from card.errors import CardError
@@ -26,7 +28,7 @@ VERIFY_TEXT = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. "
     "One day, she saw a big red ball in the park and ran to get it. 12 + 30 = 42."
 )
-VERIFY_TOKENS = 64
+VERIFY_TOKENS = 32
 
 
 @dataclass
@@ -94,7 +96,14 @@ def resize_for_mask(model: tf.PreTrainedModel, n_tokens: int, new_ids: list[int]
     before = emb.weight.shape[0]
     after = padded_vocab_size(before, n_tokens)
     if after != before:
-        model.resize_token_embeddings(after, mean_resizing=False)
+        # Every new row is set below, so random init of the whole resized matrices (torch's, in the new modules'
+        # constructors, then transformers' own `_init_weights`) is wasted time: a 32k-row Llama head pays 0.3 s.
+        model._init_weights = lambda module: None
+        try:
+            with no_init_weights():
+                model.resize_token_embeddings(after, mean_resizing=False)
+        finally:
+            del model._init_weights
     init = sorted(set(range(before, after)) | set(new_ids))
     init_rows_to_mean(model.get_input_embeddings().weight, init, before)
     head = model.get_output_embeddings()
@@ -141,9 +150,11 @@ def convert(
     source: Source = load_source(str(src), dtype, tokenizer)
     model, tok = source.model, source.tokenizer
     ids = verify_ids(tok, model)
-    check_causal(model, ids)
-    reference = _logits(model, ids)
-    source_sha = state_dict_sha256(model.state_dict())
+    with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hashing the weights overlaps the two forwards
+        sha = pool.submit(state_dict_sha256, model.state_dict())
+        check_causal(model, ids)
+        reference = _logits(model, ids)
+        source_sha = sha.result()
     tok_before = len(tok)
 
     mask, added = choose_mask_token(tok, mask_token)
