@@ -150,56 +150,61 @@ def convert(
     source: Source = load_source(str(src), dtype, tokenizer)
     model, tok = source.model, source.tokenizer
     ids = verify_ids(tok, model)
-    with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hashing the weights overlaps the two forwards
+    # hashlib releases the GIL: hashing the source weights (the state dict keeps the pre-resize tensors alive)
+    # overlaps the forwards and the disk write; the hash joins config.json once the weights are written.
+    with ThreadPoolExecutor(1) as pool, atomic_directory(dst, overwrite=overwrite) as tmp:
         sha = pool.submit(state_dict_sha256, model.state_dict())
         check_causal(model, ids)
         reference = _logits(model, ids)
-        source_sha = sha.result()
-    tok_before = len(tok)
+        tok_before = len(tok)
 
-    mask, added = choose_mask_token(tok, mask_token)
-    mask_id = tok.convert_tokens_to_ids(mask)
-    rows_before, rows_after = resize_for_mask(model, len(tok), [mask_id] if added else [])
-    meta = CardMetadata(
-        mask_token=mask,
-        mask_token_id=mask_id,
-        original_vocab_size=rows_before,
-        vocab_size=rows_after,
-        source={"name": source.name, "format": source.format, "sha256": source_sha},
-        doc_separator="bos" if source.format == "llama2c" else "eos",
-    )
-    write_metadata(model.config, meta)
-    gen = model.generation_config
-    gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(meta.suppressed_token_ids))
-
-    report = ConvertReport(
-        src=str(src), dst=str(dst), source_format=source.format,
-        architecture=type(model).__name__, model_type=model.config.model_type,
-        params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).removeprefix("torch."),
-        mask_token=mask, mask_token_id=mask_id, mask_token_added=added,
-        vocab_before=rows_before, vocab_after=rows_after, tokenizer_before=tok_before, tokenizer_after=len(tok),
-        source_sha256=source_sha,
-    )
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        mask, added = choose_mask_token(tok, mask_token)
+        mask_id = tok.convert_tokens_to_ids(mask)
+        rows_before, rows_after = resize_for_mask(model, len(tok), [mask_id] if added else [])
+        meta = CardMetadata(
+            mask_token=mask,
+            mask_token_id=mask_id,
+            original_vocab_size=rows_before,
+            vocab_size=rows_after,
+            source={"name": source.name, "format": source.format},
+            doc_separator="bos" if source.format == "llama2c" else "eos",
+        )
+        gen = model.generation_config
+        gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(meta.suppressed_token_ids))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        meta.source["sha256"] = sha.result()
+        write_metadata(model.config, meta)
+        model.config.save_pretrained(tmp)
+
+        report = ConvertReport(
+            src=str(src), dst=str(dst), source_format=source.format,
+            architecture=type(model).__name__, model_type=model.config.model_type,
+            params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).removeprefix("torch."),
+            mask_token=mask, mask_token_id=mask_id, mask_token_added=added,
+            vocab_before=rows_before, vocab_after=rows_after, tokenizer_before=tok_before, tokenizer_after=len(tok),
+            source_sha256=meta.source["sha256"],
+        )
         if verify:
             del model
-            _verify(tmp, ids, reference, rows_before, mask_id if added else None, report)
+            _verify(tmp, ids, reference, rows_before, mask_id if added else None, report, pool)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _verify(path: Path, ids, reference, n_original: int, new_id: int | None, report: ConvertReport) -> None:
+def _verify(path: Path, ids, reference, n_original: int, new_id: int | None, report: ConvertReport,
+            pool: ThreadPoolExecutor) -> None:
     """Reload with plain transformers and compare AR logits over the original vocabulary."""
+    tok = pool.submit(tf.AutoTokenizer.from_pretrained, path)  # mostly Python: it overlaps the forward
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
-    tok = tf.AutoTokenizer.from_pretrained(path)
-    if tok.mask_token_id != report.mask_token_id:
-        raise CardError(f"verification failed: reloaded tokenizer has mask id {tok.mask_token_id}, expected {report.mask_token_id}")
+    got = _logits(model, ids)
+    mask_id = tok.result().mask_token_id
+    if mask_id != report.mask_token_id:
+        raise CardError(f"verification failed: reloaded tokenizer has mask id {mask_id}, expected {report.mask_token_id}")
     keep = torch.ones(n_original, dtype=torch.bool)
     if new_id is not None and new_id < n_original:
         keep[new_id] = False  # a new token placed in an unused existing row: that row was re-initialised
-    got = _logits(model, ids)[:, :n_original][:, keep]
+    got = got[:, :n_original][:, keep]
     ref = reference[:, :n_original][:, keep]
     report.max_abs_diff = (got - ref).abs().max().item()
     report.argmax_equal = bool(torch.equal(got.argmax(-1), ref.argmax(-1)))
