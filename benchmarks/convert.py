@@ -12,6 +12,7 @@ with verification (the default: it reloads the written checkpoint and compares l
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -36,26 +37,26 @@ def load_and_save(src: Path, dst: Path) -> None:
     tok.save_pretrained(dst)
 
 
-def timed(fn, *args, **kwargs) -> float:
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(wall seconds, result) of one call, started with no dirty pages queued: otherwise a run pays for
+    the previous run's writeback."""
+    os.sync()
     t0 = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t0
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - t0, result
 
 
 def measure(name: str, src: Path, work: Path, repeats: int) -> dict:
     times: dict[str, list[float]] = {"load_save": [], "convert": [], "convert_no_verify": []}
-    params = None
     for i in range(repeats):
-        times["load_save"].append(timed(load_and_save, src, work / f"plain{i}"))
-        t0 = time.perf_counter()
-        report = convert(str(src), work / f"card{i}")
-        times["convert"].append(time.perf_counter() - t0)
-        times["convert_no_verify"].append(timed(convert, str(src), work / f"cardnv{i}", verify=False))
-        params = report.params
+        times["load_save"].append(timed(load_and_save, src, work / f"plain{i}")[0])
+        seconds, report = timed(convert, str(src), work / f"card{i}")
+        times["convert"].append(seconds)
+        times["convert_no_verify"].append(timed(convert, str(src), work / f"cardnv{i}", verify=False)[0])
         for d in (f"plain{i}", f"card{i}", f"cardnv{i}"):
             shutil.rmtree(work / d)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "params": params, **{f"{k}_s": v for k, v in med.items()},
+    return {"model": name, "params": report.params, **{f"{k}_s": v for k, v in med.items()},
             "convert_over_load_save": med["convert"] / med["load_save"],
             "no_verify_over_load_save": med["convert_no_verify"] / med["load_save"], "runs": times}
 
