@@ -10,7 +10,8 @@
 4. ``card eval`` the adapted model on PIQA, HellaSwag, TinyStories perplexity and continuation in AR,
    parallel@0.9/0.7/0.5 and lossless modes, with the unconverted stories260K as the baseline, and the AR
    fine-tuned model in AR mode; one merged report;
-5. the decoding benchmark on the adapted model (tokens per forward, agreement with AR, break-even).
+5. the decoding benchmark on the adapted model (tokens per forward, agreement with AR, break-even), on
+   held-out prompts (the continuation task's).
 Writes ``real_run.json`` / ``real_run.md`` into ``--results`` and the lm-eval report into ``OUT/report``.
 """
 
@@ -27,9 +28,10 @@ from card.adapt import adapt
 from card.convert import convert
 from card.eval.report import markdown, merge_results, write_report
 from card.eval.runner import evaluate
-from card.eval.tasks.shared.shared_tasks import TINYSTORIES, TRAIN_SPLIT
+from card.eval.tasks.shared.shared_tasks import TINYSTORIES, TRAIN_SPLIT, tinystories_continuation
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "stories260k-cpu.yaml")
 TASKS = ["card_piqa", "card_hellaswag", "card_tinystories_ppl", "card_tinystories_cont"]
 MODES = ["ar", "parallel@0.9", "parallel@0.7", "parallel@0.5", "lossless"]
 
@@ -43,6 +45,19 @@ def training_text(dst: Path) -> Path:
     paragraphs = [t.strip() for t in ds["text"] if t.strip()]
     dst.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     return dst
+
+
+def heldout_prompts(n: int) -> list[str]:
+    """The first ``n`` prompts of the ``card_tinystories_cont`` task: first sentences of held-out paragraphs."""
+    return [row["prompt"] for row in tinystories_continuation()["test"].select(range(n))]
+
+
+def prepare(out: Path) -> tuple[Path, Path]:
+    """The converted stories260K (``OUT/card-init``, made once) and the training text (``OUT/...txt``)."""
+    card_init = out / "card-init"
+    if not card_init.exists():
+        convert(str(data_dir() / "stories260K_hf"), card_init)
+    return card_init, training_text(out / "tinystories_train90.txt")
 
 
 def final_losses(run_dir: Path) -> dict:
@@ -64,15 +79,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     source = data_dir() / "stories260K_hf"
-    card_init = out / "card-init"
-    if not card_init.exists():
-        convert(str(source), card_init)
-    text = training_text(out / "tinystories_train90.txt")
+    card_init, text = prepare(out)
     common = [f"model={card_init}", f"data.path={text}", f"train.max_steps={args.steps}", "train.eval_every=250",
               "train.save_every=500"]
-    recipe = str(REPO / "recipes" / "stories260k-cpu.yaml")
-    card = adapt(recipe, common, output_dir=out / "card", nproc_per_node=args.nproc_per_node)
-    ar_ft = adapt(recipe, [*common, "objective.kind=ar"], output_dir=out / "ar-ft", nproc_per_node=args.nproc_per_node)
+    card = adapt(RECIPE, common, output_dir=out / "card", nproc_per_node=args.nproc_per_node)
+    ar_ft = adapt(RECIPE, [*common, "objective.kind=ar"], output_dir=out / "ar-ft", nproc_per_node=args.nproc_per_node)
     t_train = time.perf_counter() - t0
 
     main_eval = evaluate(card.final, TASKS, MODES, baseline=str(source), limit=args.limit, batch_size=16,
@@ -81,7 +92,9 @@ def main(argv=None) -> dict:
                           batch_size=16, command="python -m benchmarks.real_run (AR fine-tuned)")
     merged = merge_results([main_eval, ar_ft_eval], ["card", "ar-ft"])
     write_report(merged, out / "report")
-    decode_data, decode_md = decode_bench.run(str(card.final), 128, 8, 3, None, None)
+    prompts = out / "heldout_prompts.jsonl"  # the prompts above are in the training text
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in heldout_prompts(8)))
+    decode_data, decode_md = decode_bench.run(str(card.final), 128, 8, 3, None, None, str(prompts))
     write_results(args.results, "decode_stories260k_adapted", decode_data, decode_md)
 
     losses = {"card": final_losses(out / "card"), "ar-ft": final_losses(out / "ar-ft")}
