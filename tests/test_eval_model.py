@@ -111,6 +111,37 @@ def test_rolling_loglikelihood_equals_transformers(card_scoring, hf_scoring, sto
     assert math.isfinite(ppl) and ppl > 1
 
 
+def test_continuation_longer_than_the_window_is_scored_in_chunks(stories):
+    """HFLM asserts when a continuation exceeds max_length; the card model scores it chunk by chunk, each chunk
+    conditioned on the (left-truncated) window before it, and leaves continuations that fit as HFLM has them."""
+    model, tok = stories.model, stories.tokenizer
+    n = 10
+    ctx, cont = "Once upon a time", " there was a little girl named Lily. She loved to play outside in the sun."
+    short = " there was a little girl."
+    reqs = [Instance("loglikelihood", {}, (ctx, c), i, ("t", i, 1)) for i, c in enumerate([cont, short])]
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=n)
+    with pytest.raises(AssertionError):
+        hf.loglikelihood(reqs[:1])
+    card = CardLM(model, tokenizer=tok, batch_size=4, max_length=n)
+    (long_ll, long_greedy), (short_ll, short_greedy) = card.loglikelihood(reqs)
+    ref_ll, ref_greedy = hf.loglikelihood(reqs[1:])[0]
+    assert short_ll == pytest.approx(ref_ll, abs=1e-4) and short_greedy == ref_greedy  # other batch: rounding
+
+    ctx_ids, cont_ids = card._encode_pair(ctx, cont)  # HFLM's tokenisation; the chunking is what is tested
+    assert 2 * n < len(cont_ids) < 3 * n  # three chunks, the last one partial
+    full, expected, greedy = ctx_ids + cont_ids, 0.0, True
+    for start in range(0, len(cont_ids), n):
+        end = min(len(full), len(ctx_ids) + start + n)
+        window = full[max(0, end - n - 1):end - 1]  # what HFLM feeds for context full[:end - k], k targets
+        k = end - len(ctx_ids) - start
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([window])).logits[0, -k:].float(), -1)
+        targets = torch.tensor(full[end - k:end])
+        expected += logp.gather(1, targets[:, None]).sum().item()
+        greedy &= bool((logp.argmax(-1) == targets).all())
+    assert long_ll == pytest.approx(expected, abs=1e-4) and long_greedy == greedy
+
+
 # ------------------------------------------------------------------------------------------ generation
 @pytest.fixture(scope="module")
 def card_ar(stories, tm):

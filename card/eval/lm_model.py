@@ -4,6 +4,8 @@
 
 * ``loglikelihood`` and ``loglikelihood_rolling`` are HFLM's own: batched forwards over a clean context, so
   ``loglikelihood`` is exactly what lm-eval's ``hf`` backend computes on the same checkpoint (no Monte Carlo).
+  One extension: a continuation longer than the model's window, which HFLM refuses with an assertion (a
+  long PIQA solution under a small model's 512 positions), is scored in chunks (see ``_loglikelihood_tokens``).
   One fix for ``loglikelihood_rolling``: lm-eval 0.4.13 encodes the document with the tokenizer's special
   tokens and then prefixes every first window with the BOS token again, so for tokenizers that add BOS
   (Llama, SentencePiece) it scores an extra log p(BOS | BOS). Here the document is encoded without special
@@ -113,6 +115,34 @@ class CardLM(HFLM):
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         finally:
             self._rolling = False
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """HFLM's, also for continuations longer than ``max_length`` tokens.
+
+        Such a continuation is cut into chunks of ``max_length`` tokens, each scored as a request whose context
+        is everything before it (left-truncated as HFLM truncates every context)::
+
+            log p(cont | ctx) = sum_c log p(chunk_c | ctx + chunk_1 .. chunk_{c-1})
+
+        and it is greedy when every chunk is. A continuation that fits is one chunk: HFLM's exact answer.
+        """
+        parts, owner = [], []
+        for i, (key, ctx, cont) in enumerate(requests):
+            if len(cont) <= self.max_length:
+                parts.append((key, ctx, cont))
+                owner.append(i)
+                continue
+            for start in range(0, len(cont), self.max_length):  # key None: HFLM must not cache a chunk as the whole
+                parts.append((None, ctx + cont[:start], cont[start:start + self.max_length]))
+                owner.append(i)
+        scores = super()._loglikelihood_tokens(parts, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        totals = [(0.0, True)] * len(requests)
+        for i, (logprob, greedy) in zip(owner, scores, strict=True):
+            totals[i] = (totals[i][0] + logprob, totals[i][1] and greedy)
+        for (key, _, cont), total in zip(requests, totals):
+            if key is not None and len(cont) > self.max_length:
+                self.cache_hook.add_partial("loglikelihood", key, total)
+        return totals
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
