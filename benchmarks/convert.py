@@ -1,6 +1,6 @@
 """Conversion benchmark: ``card.convert`` vs a plain ``from_pretrained`` + ``save_pretrained`` of the same model.
 
-    python -m benchmarks.convert [--out benchmarks/results] [--repeats 3]
+    python -m benchmarks.convert [--out benchmarks/results] [--repeats 5]
 
 Models: the real stories260K (HF folder in ``$CARD_DATA_DIR``) and a randomly initialised 134M-parameter
 Llama (12 layers, width 768, untied, the real Llama-2 32k SentencePiece tokenizer from the data folder), saved
@@ -25,7 +25,7 @@ from benchmarks.common import build_llama, data_dir, environment, markdown_table
 from card.convert import convert
 
 
-def build_llama_110m(path: Path) -> Path:
+def build_llama_134m(path: Path) -> Path:
     """A Llama-architecture checkpoint of about 134M parameters (untied) with the real Llama-2 tokenizer."""
     return build_llama(path, hidden=768, layers=12, heads=12, ffn=2048, tied=False)
 
@@ -47,16 +47,19 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 
 def measure(name: str, src: Path, work: Path, repeats: int) -> dict:
-    times: dict[str, list[float]] = {"load_save": [], "convert": [], "convert_no_verify": []}
+    jobs = {"load_save": lambda dst: load_and_save(src, dst), "convert": lambda dst: convert(str(src), dst),
+            "convert_no_verify": lambda dst: convert(str(src), dst, verify=False)}
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    last = {}
     for i in range(repeats):
-        times["load_save"].append(timed(load_and_save, src, work / f"plain{i}")[0])
-        seconds, report = timed(convert, str(src), work / f"card{i}")
-        times["convert"].append(seconds)
-        times["convert_no_verify"].append(timed(convert, str(src), work / f"cardnv{i}", verify=False)[0])
-        for d in (f"plain{i}", f"card{i}", f"cardnv{i}"):
-            shutil.rmtree(work / d)
+        order = list(jobs)[i % 3:] + list(jobs)[:i % 3]  # rotated, so no job always follows the same one
+        for key in order:
+            seconds, last[key] = timed(jobs[key], work / f"{key}{i}")
+            times[key].append(seconds)
+            shutil.rmtree(work / f"{key}{i}")
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "params": report.params, **{f"{k}_s": v for k, v in med.items()},
+    spread = {f"{k}_range": f"{min(v):.2f}-{max(v):.2f}" for k, v in times.items()}
+    return {"model": name, "params": last["convert"].params, **{f"{k}_s": v for k, v in med.items()}, **spread,
             "convert_over_load_save": med["convert"] / med["load_save"],
             "no_verify_over_load_save": med["convert_no_verify"] / med["load_save"], "runs": times}
 
@@ -64,17 +67,19 @@ def measure(name: str, src: Path, work: Path, repeats: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--work-dir", default=None, help="where the checkpoints are written (default: the system's temp)")
     args = ap.parse_args(argv)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         tmp = Path(tmp)
         rows.append(measure("stories260K", data_dir() / "stories260K_hf", tmp, args.repeats))
-        rows.append(measure("llama-134M", build_llama_110m(tmp / "llama110m"), tmp, args.repeats))
-    cols = [("model", "model"), ("params", "params"), ("load_save_s", "load+save s"), ("convert_s", "convert s"),
-            ("convert_over_load_save", "convert / load+save"), ("convert_no_verify_s", "convert --no-verify s"),
+        rows.append(measure("llama-134M", build_llama_134m(tmp / "llama134m"), tmp, args.repeats))
+    cols = [("model", "model"), ("params", "params"), ("load_save_s", "load+save s"), ("load_save_range", "range"),
+            ("convert_s", "convert s"), ("convert_range", "range"), ("convert_over_load_save", "convert / load+save"),
+            ("convert_no_verify_s", "convert --no-verify s"), ("convert_no_verify_range", "range"),
             ("no_verify_over_load_save", "no-verify / load+save")]
-    md = "# Conversion vs load + save\n\n" + markdown_table(rows, cols) + "\n\nMedian of " \
+    md = "# Conversion vs load + save\n\n" + markdown_table(rows, cols) + "\n\nMedian (and range) of " \
          f"{args.repeats} interleaved runs; convert includes the default verification (reload + logits check)."
     data = {"benchmark": "convert", "environment": environment(), "repeats": args.repeats, "results": rows}
     write_results(args.out, "convert", data, md)

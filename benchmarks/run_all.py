@@ -1,11 +1,12 @@
 """``make bench``: every benchmark in one go; results (json + markdown) land in ``benchmarks/results/``.
 
-    python -m benchmarks.run_all [--demo runs/demo] [--real]
+    python -m benchmarks.run_all [--demo runs/demo] [--real] [--sweep]
 
 Runs convert, train_step, loglikelihood, decode (the unadapted stories260K) and scaling. With a finished
 ``card demo`` run folder (default ``runs/demo``, made by ``make demo``) it also benchmarks decoding on the
 demo's adapted model and uses it for the block-size sweep. ``--real`` adds the real run
-(``benchmarks.real_run``: stories260K adapted and evaluated; about an hour on 2 CPU cores).
+(``benchmarks.real_run``: stories260K adapted and evaluated; about an hour on 2 CPU cores); ``--sweep`` the
+recipe sweep before it (``benchmarks.recipe_sweep``: seven adaptations of stories260K; about 40 minutes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks import convert, decode, loglikelihood, real_run, scaling, train_step
+from benchmarks import convert, decode, loglikelihood, real_run, recipe_sweep, scaling, train_step
 
 
 def demo_prompts(demo: Path, per_task: int, dst: Path) -> Path:
@@ -31,6 +32,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", default="runs/demo", help="a finished card demo folder (optional)")
     ap.add_argument("--real", action="store_true", help="also run the real run (slow)")
+    ap.add_argument("--sweep", action="store_true", help="also run the recipe sweep (slow)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     out = ["--out", args.out]
@@ -50,6 +52,8 @@ def main(argv=None) -> None:
         else:
             print(f"no finished demo in {demo} (run `make demo`): decoding on the demo model skipped")
             scaling.main(out)
+    if args.sweep:
+        recipe_sweep.main(["--results", args.out])
     if args.real:
         real_run.main(["--results", args.out])
     print(json.dumps({"results": sorted(p.name for p in Path(args.out).glob("*.md"))}, indent=1))
