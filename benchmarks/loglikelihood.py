@@ -1,6 +1,6 @@
 """Loglikelihood benchmark: the lm-eval ``card`` model vs lm-eval's own ``hf`` backend, same model, same requests.
 
-    python -m benchmarks.loglikelihood [--items 200] [--batch-size 16] [--repeats 3] [--out benchmarks/results]
+    python -m benchmarks.loglikelihood [--items 200] [--batch-size 16] [--repeats 7] [--out benchmarks/results]
 
 Model: the real stories260K converted to CARD (both backends load the same converted checkpoint). Requests:
 HellaSwag validation items from the shared data (context, each of the 4 endings), built once and given to
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
