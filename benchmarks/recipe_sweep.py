@@ -3,14 +3,14 @@
     python -m benchmarks.recipe_sweep [--steps 800] [--nproc-per-node 2] [--out runs/sweep]
 
 Every variant adapts the converted stories260K with ``recipes/stories260k-cpu.yaml`` plus its own ``--set``
-overrides, on the same text, steps and batches as the real run (``benchmarks.real_run``), then decodes the
+overrides, on the same text and batches as the real run (``benchmarks.real_run``), then decodes the
 held-out TinyStories prompts (the ``card_tinystories_cont`` task's) greedily in AR, parallel@0.9,
 parallel@0.7 and lossless mode. Reported per variant: the validation AR loss (clean input) and CARD loss,
 tokens per forward, and agreement with the variant's own AR output. Writes ``recipe_sweep.json`` / ``.md``.
 
-The variants: the default objective (tail factor 1.5, t ~ U(0, 1)); a strict tail (lambda = 1, the contiguous
-masked suffix that decoding appends); and strict tails with low noise levels only (t ~ U(0, 0.1) or
-U(0, 0.05): at most 25 or 12 masks in 256 tokens, the regime of a decoder that appends 8).
+The variants: the card-method defaults (tail factor lambda 1.5, t ~ U(0, 1)); a strict tail (lambda = 1, the
+contiguous masked suffix that decoding appends); low noise levels only (t ~ U(0, 0.1) or U(0, 0.05): at most
+25 or 12 masks in 256 tokens, the regime of a decoder that appends 8); and softer tails (lambda 2 and 3).
 """
 
 from __future__ import annotations
