@@ -2,8 +2,9 @@
 
     python -m benchmarks.train_step [--steps 10] [--out benchmarks/results]
 
-Same model, same batch, same engine (a DeepSpeed ZeRO-2 engine with torch AdamW, built as ``card adapt``
-builds it, one process): one optimizer step of
+Same model, same batch, same engine (a DeepSpeed ZeRO-2 engine with torch AdamW, built by
+``card.adapt.engine.build_engine`` from a resolved run, as ``card adapt`` builds it, one process): one
+optimizer step of
 
 * **AR**: next-token cross-entropy on clean input (``objective.causal_lm_loss``);
 * **CARD**: soft-tailed masking, context-aware weights and the weighted loss over every position
@@ -28,7 +29,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import transformers as tf
 
 from benchmarks.common import build_llama, converted_stories260k, environment, markdown_table, write_results
 from card.adapt.objective import ObjectiveConfig, card_loss, causal_lm_loss
@@ -64,23 +64,14 @@ def bd3lm_loss(model, ids: torch.Tensor, mask_id: int, generator: torch.Generato
     return (ce * masked / t).sum() / masked.sum().clamp_min(1)
 
 
-def init_engine(model, batch: int):
-    """A one-process DeepSpeed ZeRO-2 engine with torch AdamW, as ``card adapt`` configures it."""
-    import deepspeed
+def engine_run(model_dir, batch: int, seq_len: int):
+    """The run ``card adapt`` would resolve for this model: one process, ZeRO-2, torch AdamW at lr 1e-4,
+    fp32, constant schedule, no weight decay, gradient clipping 1.0."""
+    from card.adapt.recipe import Recipe, TrainConfig
+    from card.adapt.resolve import resolve_run
 
-    from card.adapt.train import init_distributed
-
-    if not torch.distributed.is_initialized():
-        from card.adapt.launch import free_port
-
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())})
-        init_distributed(torch.cuda.is_available())
-    config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "weight_decay": 0.0}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    return engine
+    train = TrainConfig(seq_len=seq_len, micro_batch_size=batch, lr=1e-4, lr_schedule="constant", precision="fp32")
+    return resolve_run(Recipe(model=str(model_dir), train=train), world_size=1)
 
 
 def step_fn(kind: str, engine, ids: torch.Tensor, mask_id: int, seed: int):
@@ -100,24 +91,23 @@ def step_fn(kind: str, engine, ids: torch.Tensor, mask_id: int, seed: int):
 
 def measure_steps(model_dir, batch: int, seq_len: int, steps: int, warmup: int = 2,
                   objectives=OBJECTIVES) -> dict[str, float]:
-    """Median seconds per optimizer step of each objective on copies of the same model and batch."""
-    from card.metadata import read_metadata
+    """Median seconds per optimizer step of each objective on copies of the same model and batch, each on
+    an engine built by ``card.adapt.engine.build_engine`` (as every rank of ``card adapt`` builds it)."""
+    from card.adapt.distributed import init_distributed, single_process_env
+    from card.adapt.engine import build_engine
 
-    config = tf.AutoConfig.from_pretrained(model_dir)
-    mask_id = read_metadata(config).mask_token_id
-    ids = torch.randint(0, mask_id, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    fns = {}
-    for kind in objectives:
-        model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model.config.use_cache = False
-        fns[kind] = step_fn(kind, init_engine(model, batch), ids, mask_id, seed=1)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(warmup + steps):
-        for kind, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[kind].append(time.perf_counter() - t0)
+    run = engine_run(model_dir, batch, seq_len)
+    ids = torch.randint(0, run.mask_id, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    with single_process_env():
+        init_distributed(run.cuda)
+        fns = {kind: step_fn(kind, build_engine(run), ids, run.mask_id, seed=1) for kind in objectives}
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for i in range(warmup + steps):
+            for kind, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    times[kind].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -12,7 +12,13 @@ import transformers as tf
 from card.errors import CardError
 from card.metadata import CardMetadata, read_metadata
 
+# The one dtype table. Keys are the names the CLI and the library take (``--dtype``); ``"auto"`` keeps the
+# checkpoint's own dtype. ``PRECISIONS`` maps the recipe's ``train.precision`` spelling (DeepSpeed's) onto it.
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# Config attributes that hold a model's maximum number of positions, by architecture family.
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 @dataclass
@@ -28,11 +34,26 @@ class Checkpoint:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """``"auto"`` or the torch dtype of a ``--dtype`` name (``float32``, ``bfloat16``, ``float16``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise CardError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     return DTYPES[dtype]
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a resolved ``train.precision`` (``fp32``, ``bf16``, ``fp16``)."""
+    return DTYPES[PRECISIONS[precision]]
+
+
+def max_positions(config) -> int | None:
+    """A model's maximum number of positions from its config (None when the config names none)."""
+    for name in POSITION_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def check_checkpoint_path(path: str | os.PathLike, require_card: bool = False) -> CardMetadata | None:

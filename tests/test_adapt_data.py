@@ -84,7 +84,7 @@ def test_every_format_gives_the_same_packed_rows(tmp_path, tok):
         assert data.info["train"]["dropped_tokens"] == len(expected) - n_rows * 16
         assert data.train.valid is None and data.train.completion is None  # packed rows: all real, all maskable
         b = data.train.batch([0, 1])
-        assert b.ids.shape == (2, 16) and bool(b.valid.all()) and bool(b.maskable.all())
+        assert b.ids.shape == (2, 16) and bool(b.valid.all()) and bool(b.completion.all())
 
 
 def test_txt_sample_by_line_and_document(tmp_path, tok):
@@ -209,7 +209,7 @@ def test_prompt_completion_rows(tmp_path, tok):
     assert long and data.info["train"]["truncated"] == len(long)  # the long prompt was cut from the left
     assert tok.decode(rows.ids[long[0]]).endswith("sort: 3142 -> 1234</s>")
     b = rows.batch([0, 1])
-    assert b.maskable.sum() < b.valid.sum() and not (b.maskable & ~b.valid).any()
+    assert b.completion.sum() < b.valid.sum() and not (b.completion & ~b.valid).any()
     # with BOS as separator the row starts with it
     data = load(s, tok, seq_len=24, separator="bos")
     assert (data.train.ids[:, 0] == tok.bos_token_id).all() and not data.train.completion[:, 0].any()

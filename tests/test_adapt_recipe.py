@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from card.adapt import load_recipe
 from card.adapt.recipe import Recipe
-from card.adapt.train import build_ds_config, lr_factor
+from card.adapt.resolve import build_ds_config, lr_factor
 from card.cli import app
 from card.convert import convert
 from card.errors import CardError

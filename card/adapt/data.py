@@ -51,7 +51,7 @@ ENCODE_BATCH = 512  # documents per tokenizer call
 class Batch:
     ids: torch.Tensor  # (B, T) long
     valid: torch.Tensor  # (B, T) bool: real tokens (not padding)
-    maskable: torch.Tensor  # (B, T) bool: completion tokens for prompt/completion rows, else == valid
+    completion: torch.Tensor  # (B, T) bool: completion tokens of prompt/completion rows, else == valid
 
 
 @dataclass

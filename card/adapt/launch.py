@@ -1,9 +1,9 @@
 """Start an adaptation run: check everything cheap first, then train in-process (one process) or under
 torchrun (several processes, one or more nodes).
 
-Before any worker starts, the launcher validates the recipe against the model's config (CARD checkpoint,
-``seq_len``), fills the DeepSpeed config, builds the tokenised data cache and writes the resolved recipe
-to ``OUTPUT/recipe.yaml``, which is all the workers read. A worker failure comes back as one line: the
+Before any worker starts, the launcher resolves the recipe into a run exactly as the workers will
+(``card.adapt.resolve``: CARD checkpoint, ``seq_len``, the filled DeepSpeed config), builds the tokenised
+data cache and writes the resolved recipe to ``OUTPUT/recipe.yaml``, which is all the workers read. A worker failure comes back as one line: the
 failing rank's error and torchrun's exit code; the full log is ``OUTPUT/logs/launch.log``.
 """
 
@@ -13,14 +13,15 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from card.adapt.distributed import die_with_parent, free_port, single_process_env, worker_env
 from card.adapt.recipe import Recipe, dump_recipe, load_recipe
+from card.adapt.resolve import resolve_run
 from card.errors import CardError
 from card.io import atomic_write_text
 
@@ -34,43 +35,18 @@ class AdaptResult:
     summary: dict = field(default_factory=dict)  # OUTPUT/summary.json
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def preflight(recipe: Recipe, world_size: int) -> None:
-    """Everything that can fail before training, in the order of its cost: the model's config, the
-    DeepSpeed config, then the data (tokenised into the cache here, so workers start from a cache hit)."""
-    import torch
+    """Everything that can fail before training, in the order of its cost: the model's config and the
+    DeepSpeed config (``resolve_run``, as every worker does), then the data (tokenised into the cache here,
+    so workers start from a cache hit)."""
     import transformers as tf
 
     from card.adapt.data import load_data, tokenizer_fingerprint
-    from card.adapt.train import build_ds_config, resolve_model
 
-    info = resolve_model(recipe)
-    build_ds_config(recipe, world_size, getattr(info.config, "hidden_size", None), torch.cuda.is_available())
-    tok = tf.AutoTokenizer.from_pretrained(info.path)
-    separator = recipe.data.separator or info.doc_separator
-    load_data(recipe.data, tok, recipe.train.seq_len, separator, tokenizer_fingerprint(info.path),
+    run = resolve_run(recipe, world_size)
+    tok = tf.AutoTokenizer.from_pretrained(run.model.path)
+    load_data(recipe.data, tok, recipe.train.seq_len, run.separator, tokenizer_fingerprint(run.model.path),
               log=lambda m: print(m, file=sys.stderr, flush=True))
-
-
-def worker_env(nproc_per_node: int) -> dict[str, str]:
-    """The workers' environment: this one, plus CPU settings when there is no GPU.
-
-    On CPU each rank gets cores // nproc threads (1 on a 2-core machine with 2 ranks, as torchrun's
-    default) unless OMP_NUM_THREADS is set, and DeepSpeed is told its accelerator is the CPU.
-    """
-    import torch
-
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    return env
 
 
 def torchrun_command(
@@ -133,28 +109,6 @@ class _StderrFilter:
         self.log.close()
 
 
-def _prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        return None
-
-
-_PRCTL = _prctl()
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies, so a killed launcher leaves no orphan
-    torchrun or workers that would go on writing checkpoints. (Also the pre-exec hook of torchrun, so it
-    only calls a function resolved beforehand.)"""
-    if _PRCTL is not None:
-        _PRCTL(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-
 def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path) -> None:
     """Run ``cmd``; on failure raise one ``CardError`` with the first failing rank's error and the exit code."""
     logs = run_dir / "logs"
@@ -188,22 +142,8 @@ def run_in_process(run_dir: Path) -> None:
     """One process, no launcher: the distributed environment of a world of one on a free local port."""
     from card.adapt.train import run
 
-    import torch
-
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    if not torch.cuda.is_available() and "DS_ACCELERATOR" not in os.environ:
-        env["DS_ACCELERATOR"] = "cpu"  # read when deepspeed picks its accelerator
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with single_process_env():
         run(run_dir)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def adapt(

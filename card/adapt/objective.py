@@ -1,4 +1,4 @@
-"""The CARD training objective (card-method.md section 3): soft-tailed masking, context-aware weights, loss.
+"""The CARD training objective (docs/method.md, "Training"): soft-tailed masking, context-aware weights, loss.
 
 Pure tensor functions; every random draw comes from an explicit ``torch.Generator`` so a training step is
 a function of its seed. Shapes: ``ids`` and masks are (B, T); ``logits`` are (B, T-1, V).
@@ -38,7 +38,7 @@ def soft_tail_mask(
     generator: torch.Generator,
     maskable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft-tailed masking of each row (card-method.md 3.1).
+    """Soft-tailed masking of each row (docs/method.md, "Masking").
 
     With L the number of maskable positions in a row::
 
@@ -67,7 +67,7 @@ def soft_tail_mask(
 
 
 def context_weights(masked: torch.Tensor, decay_p: float, beta: float) -> torch.Tensor:
-    """Context-aware weights w for every input position (card-method.md 3.3)::
+    """Context-aware weights w for every input position (docs/method.md, "Weights")::
 
         C_j = m_j * (1 + m_{j-1})          # m_{-1} = 0: a mask right after a mask counts double
         S_j = C_j + (1 - p) * S_{j-1}      # S_{-1} = 0
@@ -97,7 +97,7 @@ def context_weights(masked: torch.Tensor, decay_p: float, beta: float) -> torch.
 def weighted_ce(
     logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean cross-entropy over supervised positions (card-method.md 3.4)::
+    """Weighted mean cross-entropy over supervised positions (docs/method.md, "Loss")::
 
         loss = sum_j w_j * CE(logits_j, x0[j+1]) / sum_j w_j
 
@@ -123,9 +123,19 @@ def _attention_mask(valid: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass
 class CardLoss:
+    """One CARD forward's loss and diagnostics."""
+
     loss: torch.Tensor  # weighted CE, differentiable
     corrupt_ce: float  # unweighted mean CE on the corrupted input
-    mask_ratio: float  # masked / maskable-or-valid input positions
+    mask_ratio: float  # masked / valid input positions
+    tokens: int  # supervised targets
+
+
+@dataclass
+class ArLoss:
+    """One plain next-token forward's loss (clean input)."""
+
+    loss: torch.Tensor  # mean CE over the supervised targets, differentiable
     tokens: int  # supervised targets
 
 
@@ -165,8 +175,10 @@ def card_loss(
 
 def causal_lm_loss(
     model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None, targets: torch.Tensor | None = None
-) -> CardLoss:
-    """Plain AR cross-entropy on clean input (t = 0; w = 1 everywhere), differentiable.
+) -> ArLoss:
+    """Plain AR cross-entropy on clean input (t = 0; w = 1 everywhere), differentiable::
+
+        loss = sum_j CE(logits_j, x0[j+1]) / (number of supervised j)
 
     The objective of ordinary AR pre-training / fine-tuning, on the same shift as ``card_loss``;
     ``targets`` as there.
@@ -175,7 +187,7 @@ def causal_lm_loss(
     logits = model(input_ids=ids[:, :-1], attention_mask=_attention_mask(valid)).logits
     sup = _supervised(valid, targets)
     loss, _ = weighted_ce(logits, ids[:, 1:], torch.ones_like(sup, dtype=torch.float32), sup)
-    return CardLoss(loss=loss, corrupt_ce=float(loss.detach()), mask_ratio=0.0, tokens=int(sup.sum()))
+    return ArLoss(loss=loss, tokens=int(sup.sum()))
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""AR checkpoint -> CARD checkpoint (card-method.md section 2).
+"""AR checkpoint -> CARD checkpoint (docs/method.md, "Conversion").
 
 The architecture is unchanged. Conversion gives the tokenizer a mask token, grows the embeddings (and an
 untied head) to a multiple of 64 rows initialised to the mean of the existing rows, records the ``card``
@@ -18,6 +18,7 @@ import torch
 import transformers as tf
 from transformers.initialization import no_init_weights
 
+from card.checkpoint import max_positions
 from card.convert.source import Source, check_causal, load_source
 from card.errors import CardError
 from card.io import atomic_directory, check_destination, state_dict_sha256
@@ -117,7 +118,7 @@ def resize_for_mask(model: tf.PreTrainedModel, n_tokens: int, new_ids: list[int]
 
 def verify_ids(tok: tf.PreTrainedTokenizerBase, model: tf.PreTrainedModel) -> torch.Tensor:
     ids = tok(VERIFY_TEXT, return_tensors="pt").input_ids[:, :VERIFY_TOKENS]
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = max_positions(model.config)
     return ids[:, : min(ids.shape[1], limit)] if limit else ids
 
 
