@@ -176,27 +176,6 @@ app.command("adapt")(user_errors(adapt_command))
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def print_results_table(results: dict, title: str) -> None:
-    """The comparison table of a results document (one row per run) and its footnotes, on stdout."""
-    from card.eval.report import notes, table_rows
-
-    header, rows = table_rows(results)
-    table = Table(title=title, title_justify="left")
-    table.add_column(header[0], no_wrap=True)
-    for name in header[1:-4]:  # "task metric" -> task over metric
-        table.add_column(name.replace(" ", "\n", 1), justify="right")
-    for name in header[-4:]:
-        table.add_column(name, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    out = Console(highlight=False)
-    if not out.is_terminal:  # piped or captured: print the whole table rather than squeeze it into 80 columns
-        out = Console(highlight=False, width=200)
-    out.print(table)
-    for note in notes(results):
-        out.print(note, style="dim")
-
-
 def eval_command(
     ckpt: str = typer.Argument(..., help="CARD checkpoint directory (a plain one allows only --modes ar)"),
     tasks: str = typer.Option(..., help="comma-separated lm-eval tasks, e.g. card_piqa,card_gsm8k,card_tinystories_ppl"),
@@ -214,6 +193,7 @@ def eval_command(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Evaluate a CARD checkpoint with lm-eval in several decoding modes and write a comparison report."""
+    from card.eval.report import print_results_table
     from card.eval.runner import command_line, evaluate
 
     if limit is not None and limit == int(limit):
@@ -236,7 +216,7 @@ def report_command(
     """Merge earlier card eval results into one report."""
     from pathlib import Path
 
-    from card.eval.report import load_results, merge_results, write_report
+    from card.eval.report import load_results, merge_results, print_results_table, write_report
 
     docs = [load_results(d) for d in dirs]
     names = [Path(d).name for d in dirs]
@@ -286,7 +266,7 @@ def demo_command(
 
     result = run_demo(out, quick=quick, overwrite=overwrite, seed=seed, nproc_per_node=nproc_per_node, model=model,
                       data=data, tasks=tasks, ar_overrides=set_ar or (), card_overrides=set_card or (), console=console)
-    print_summary(result, print_results_table, Console(highlight=False))
+    print_summary(result, Console(highlight=False))
 
 
 app.command("demo")(user_errors(demo_command))

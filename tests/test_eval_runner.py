@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from card.cli import app
 from card.errors import CardError
+from card.eval.results import Results
 from card.eval.runner import BUNDLED_TASKS, evaluate, parse_modes
 
 TASKS = "card_piqa,card_gsm8k,card_tinystories_ppl"
@@ -48,21 +49,21 @@ def cli_run(stories_card, data_dir, tmp_path_factory):
 def test_results_json_has_everything_needed_to_rerun(api_run):
     results, out = api_run
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
-    for key in ("model", "baseline"):
-        m = results[key]
-        assert re.fullmatch(r"[0-9a-f]{64}", m["sha256"]) and m["params"] > 0 and m["dtype"] == "float32"
-    assert results["model"]["card"]["decoding"] == {"threshold": 0.9, "block_size": 8}
-    assert results["baseline"]["card"] is None
-    assert results["model"]["sha256"] != results["baseline"]["sha256"]  # the mask row was added
-    s = results["settings"]
+    assert on_disk["runs"] == json.loads(json.dumps(results.to_dict()["runs"]))
+    assert Results.from_dict(on_disk) == Results.from_dict(json.loads(json.dumps(results.to_dict())))
+    for m in (results.model, results.baseline):
+        assert re.fullmatch(r"[0-9a-f]{64}", m.sha256) and m.params > 0 and m.dtype == "float32"
+    assert results.model.card["decoding"] == {"threshold": 0.9, "block_size": 8}
+    assert results.baseline.card is None
+    assert results.model.sha256 != results.baseline.sha256  # the mask row was added
+    s = results.settings
     assert s["tasks"] == TASKS.split(",") and s["limit"] == LIMIT and s["batch_size"] == 8
     assert s["seeds"] == {"python": 1234, "numpy": 1234, "torch": 1234, "fewshot": 1234, "sampling": 1234}
     assert s["generation_tasks"] == ["card_gsm8k"] and s["device"] == "cpu"
-    env = results["environment"]
+    env = results.environment
     assert env["cores"] >= 1 and env["torch_threads"] == 1 and env["python"]
     assert all(env["versions"][p] for p in ("torch", "transformers", "lm_eval", "datasets", "tokenizers"))
-    lm = results["lm_eval"]
+    lm = results.lm_eval
     assert lm["version"] == env["versions"]["lm_eval"]
     for task in TASKS.split(","):
         assert lm["configs"][task]["task"] == task and lm["versions"][task] == 1.0
@@ -73,33 +74,33 @@ def test_results_json_has_everything_needed_to_rerun(api_run):
 
 def test_runs_scores_and_decode_totals(api_run):
     results, _ = api_run
-    runs = {r["label"]: r for r in results["runs"]}
-    assert [r["label"] for r in results["runs"]] == LABELS
-    for run in results["runs"]:
-        assert sorted(run["scores"]) == sorted(TASKS.split(","))
-        piqa = run["scores"]["card_piqa"]
+    runs = {r.label: r for r in results.runs}
+    assert [r.label for r in results.runs] == LABELS
+    for run in results.runs:
+        assert sorted(run.scores) == sorted(TASKS.split(","))
+        piqa = run.scores["card_piqa"]
         assert 0 <= piqa["acc,none"] <= 1 and isinstance(piqa["acc_stderr,none"], float)
-        assert "exact_match_stderr,strict-match" in run["scores"]["card_gsm8k"]
-        assert run["scores"]["card_tinystories_ppl"]["word_perplexity,none"] > 1
-        d = run["decode"]
-        assert d["requests"] == LIMIT and d["generated_tokens"] > 0 and d["forwards"] > 0
-        assert d["tokens_per_forward"] == pytest.approx(d["generated_tokens"] / d["forwards"])
-        assert d["seconds"] > 0 and d["tokens_per_second"] > 0 and d["speedup_vs_ar"] > 0
-        assert list(d["tasks"]) == ["card_gsm8k"]
+        assert "exact_match_stderr,strict-match" in run.scores["card_gsm8k"]
+        assert run.scores["card_tinystories_ppl"]["word_perplexity,none"] > 1
+        d = run.decode
+        assert d.requests == LIMIT and d.generated_tokens > 0 and d.forwards > 0
+        assert d.tokens_per_forward == pytest.approx(d.generated_tokens / d.forwards)
+        assert d.seconds > 0 and d.tokens_per_second > 0 and d.speedup_vs_ar > 0
+        assert list(d.tasks) == ["card_gsm8k"]
     # the modes' non-generative scores are the AR run's, marked as reused
-    assert runs["ar"]["scores_from"] == {} and runs["baseline (AR)"]["scores_from"] == {}
+    assert runs["ar"].scores_from == {} and runs["baseline (AR)"].scores_from == {}
     for label in ("parallel@0.5", "lossless"):
-        assert runs[label]["scores_from"] == {"card_piqa": "ar", "card_tinystories_ppl": "ar"}
-        assert runs[label]["scores"]["card_piqa"] == runs["ar"]["scores"]["card_piqa"]
-    assert runs["ar"]["decode"]["speedup_vs_ar"] == 1.0
-    assert runs["ar"]["decode"]["tokens_per_forward"] == 1.0
-    assert runs["parallel@0.5"]["decode"]["tokens_per_forward"] > 1
-    assert runs["parallel@0.5"]["threshold"] == 0.5 and runs["parallel@0.5"]["block_size"] == 8
-    assert runs["lossless"]["decode"]["tokens_per_forward"] >= 1
+        assert runs[label].scores_from == {"card_piqa": "ar", "card_tinystories_ppl": "ar"}
+        assert runs[label].scores["card_piqa"] == runs["ar"].scores["card_piqa"]
+    assert runs["ar"].decode.speedup_vs_ar == 1.0
+    assert runs["ar"].decode.tokens_per_forward == 1.0
+    assert runs["parallel@0.5"].decode.tokens_per_forward > 1
+    assert runs["parallel@0.5"].threshold == 0.5 and runs["parallel@0.5"].block_size == 8
+    assert runs["lossless"].decode.tokens_per_forward >= 1
     # lossless is exactly AR, and so is the unconverted source in AR mode (the conversion changes nothing)
-    assert runs["lossless"]["agreement_with_ar"] == 1.0 and runs["baseline (AR)"]["agreement_with_ar"] == 1.0
-    assert runs["lossless"]["scores"]["card_gsm8k"] == runs["ar"]["scores"]["card_gsm8k"]
-    assert 0 <= runs["parallel@0.5"]["agreement_with_ar"] <= 1
+    assert runs["lossless"].same_output_as_ar == 1.0 and runs["baseline (AR)"].same_output_as_ar == 1.0
+    assert runs["lossless"].scores["card_gsm8k"] == runs["ar"].scores["card_gsm8k"]
+    assert 0 <= runs["parallel@0.5"].same_output_as_ar <= 1
 
 
 def test_reports_are_written_and_self_contained(api_run):
@@ -114,6 +115,10 @@ def test_reports_are_written_and_self_contained(api_run):
     for attr in re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", html):
         assert attr.startswith("data:"), attr
     assert "<script" not in html and "<link" not in html
+    # plots scale to the page width; the settings come last, collapsed
+    assert "img{max-width:100%;height:auto}" in html
+    assert html.index("<details>") > html.rindex("<img") and html.index("Settings") > html.rindex("<img")
+    assert html.rstrip().endswith("</pre></details>\n</body></html>")
 
 
 def test_cli_eval_gives_the_same_scores(api_run, cli_run):
@@ -124,13 +129,13 @@ def test_cli_eval_gives_the_same_scores(api_run, cli_run):
     assert "parallel@0.5" in r.output and "tok/fwd" in r.output
     again = json.loads((out / "results.json").read_text())
     first = api_run[0]
-    assert [r["scores"] for r in again["runs"]] == [r["scores"] for r in first["runs"]]
-    for a, b in zip(again["runs"], first["runs"], strict=True):
-        assert a["agreement_with_ar"] == b["agreement_with_ar"]
+    assert [r["scores"] for r in again["runs"]] == [r.scores for r in first.runs]
+    for a, b in zip(again["runs"], first.runs, strict=True):
+        assert a["same_output_as_ar"] == b.same_output_as_ar
         assert {k: a["decode"][k] for k in ("generated_tokens", "forwards", "requests")} == \
-               {k: b["decode"][k] for k in ("generated_tokens", "forwards", "requests")}
-    assert again["model"]["sha256"] == first["model"]["sha256"]
-    assert isinstance(again["settings"]["command"], str) and first["settings"]["command"] is None
+               {k: getattr(b.decode, k) for k in ("generated_tokens", "forwards", "requests")}
+    assert again["model"]["sha256"] == first.model.sha256
+    assert isinstance(again["settings"]["command"], str) and first.settings["command"] is None
 
 
 def test_card_report_merges_two_results(api_run, cli_run, tmp_path):

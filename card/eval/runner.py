@@ -10,13 +10,14 @@
    load the ``baseline`` (the unconverted checkpoint), if given, and run it in AR mode. Tasks that do not
    generate (loglikelihood, multiple choice, perplexity) do not depend on the decoding mode: they run once
    per model, in its first mode, and the other modes reuse their scores (``scores_from`` says so).
-3. Put together the results document (the schema ``card.eval.report`` reads) and, with ``out``, write
+3. Put together the results document (``card.eval.results.Results``) and, with ``out``, write
    ``results.json``, ``report.md``, ``report.html`` and ``samples.jsonl`` (every generation request's
    response and decode statistics, per run).
 
 Speed is compared with the CARD model's own AR run (``ar`` is added to the modes when missing): a run's
-``speedup_vs_ar`` is its tokens per second over AR's, and ``agreement_with_ar`` is the fraction of its
-generation requests whose response equals AR's exactly (for the baseline this checks the conversion).
+``decode.speedup_vs_ar`` is its tokens per second over AR's, and ``same_output_as_ar`` is the fraction of
+its generation requests whose whole response equals AR's exactly, a per-request measure (for the baseline
+this checks the conversion).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Sequence
 from card.checkpoint import check_checkpoint_path, resolve_dtype
 from card.errors import CardError
 from card.eval.decoding import MODES, check_settings
+from card.eval.results import DecodeTotals, ModelRecord, Results, Run, RunDecode
 
 BUNDLED_TASKS = Path(__file__).resolve().parent / "tasks"
 DEFAULT_MODES = "ar,parallel@0.9,parallel@0.7,lossless"
@@ -203,15 +205,15 @@ def environment() -> dict[str, Any]:
             "versions": {p: _version(p) for p in PACKAGES}}
 
 
-def model_record(ck) -> dict[str, Any]:
+def model_record(ck) -> ModelRecord:
     """Path, weights checksum, size, dtype and CARD metadata of a loaded checkpoint."""
     from card.io import state_dict_sha256
 
     m = ck.model
-    return {"path": str(Path(ck.path).resolve()), "sha256": state_dict_sha256(m.state_dict()),
-            "params": sum(p.numel() for p in m.parameters()), "dtype": str(m.dtype).removeprefix("torch."),
-            "architecture": (getattr(m.config, "architectures", None) or [type(m).__name__])[0],
-            "card": ck.meta.to_dict() if ck.meta is not None else None}
+    return ModelRecord(path=str(Path(ck.path).resolve()), sha256=state_dict_sha256(m.state_dict()),
+                       params=sum(p.numel() for p in m.parameters()), dtype=str(m.dtype).removeprefix("torch."),
+                       architecture=(getattr(m.config, "architectures", None) or [type(m).__name__])[0],
+                       card=ck.meta.to_dict() if ck.meta is not None else None)
 
 
 def _plain(obj):
@@ -225,15 +227,15 @@ def _plain(obj):
 LM_EVAL_KEYS = ("configs", "versions", "n-shot", "higher_is_better", "n-samples")  # copied from lm-eval's results
 
 
-def _scores(res: dict, first: dict | None) -> tuple[dict, dict]:
+def _scores(res: dict, first: Run | None) -> tuple[dict, dict]:
     """This run's scores per task, plus the scores it reuses from its model's first run (and where from)."""
     scores = dict(res.get("results", {}))
     scores_from = {}
     if first is not None:
-        for task, value in first["scores"].items():
+        for task, value in first.scores.items():
             if task not in scores:
                 scores[task] = value
-                scores_from[task] = first["scores_from"].get(task, first["label"])
+                scores_from[task] = first.scores_from.get(task, first.label)
     return {k: scores[k] for k in sorted(scores)}, scores_from
 
 
@@ -252,16 +254,19 @@ def _generation_samples(res: dict, log: list[dict]) -> dict[tuple[str, int], dic
     return out
 
 
+Samples = dict[tuple[str, int], dict]  # (task, doc_id) -> a generation request's response and decode stats
+
+
 def _run_model(ck, plans: list[RunPlan], gen_tasks: list[str], other_tasks: list[str], tm, lm_info: dict,
-               eval_kwargs: dict, seed: int, batch_size: int) -> list[dict[str, Any]]:
-    """Run one loaded model in each planned mode; returns the runs (with their samples under ``_samples``)."""
+               eval_kwargs: dict, seed: int, batch_size: int) -> list[tuple[Run, Samples]]:
+    """Run one loaded model in each planned mode; returns each run with its generation samples."""
     import lm_eval
 
     from card.eval.lm_model import CardLM, decode_totals
 
-    runs: list[dict[str, Any]] = []
+    runs: list[tuple[Run, Samples]] = []
     for plan in plans:
-        first = runs[0] if runs else None
+        first = runs[0][0] if runs else None
         tasks = gen_tasks + (other_tasks if first is None else [])  # non-generative tasks: first mode only
         t0 = time.perf_counter()
         lm = CardLM(ck.model, tokenizer=ck.tokenizer, decoding=plan.mode, threshold=plan.threshold,
@@ -274,28 +279,26 @@ def _run_model(ck, plans: list[RunPlan], gen_tasks: list[str], other_tasks: list
         for key in LM_EVAL_KEYS:
             lm_info.setdefault(key, {}).update(res.get(key, {}))
         scores, scores_from = _scores(res, first)
-        decode = decode_totals(log)
-        decode["tasks"] = {t: decode_totals([e for e in log if e["task"] == t]) for t in sorted({e["task"] for e in log})}
-        runs.append({
-            "label": plan.label, "model": plan.model, "mode": plan.mode, "threshold": plan.threshold,
-            "block_size": plan.block_size, "scores": scores, "scores_from": scores_from, "decode": decode,
-            "agreement_with_ar": None, "seconds": time.perf_counter() - t0,
-            "_samples": _generation_samples(res, log),
-        })
+        per_task = {t: DecodeTotals(**decode_totals([e for e in log if e["task"] == t]))
+                    for t in sorted({e["task"] for e in log})}
+        run = Run(label=plan.label, model=plan.model, mode=plan.mode, threshold=plan.threshold,
+                  block_size=plan.block_size, scores=scores, scores_from=scores_from,
+                  decode=RunDecode(**decode_totals(log), tasks=per_task), seconds=time.perf_counter() - t0)
+        runs.append((run, _generation_samples(res, log)))
     return runs
 
 
-def _compare_with_ar(runs: list[dict[str, Any]]) -> None:
-    """Fill ``speedup_vs_ar`` and ``agreement_with_ar`` against the CARD model's AR run."""
-    ar = next(r for r in runs if r["model"] == "card" and r["mode"] == "ar")
-    ar_tps = ar["decode"]["tokens_per_second"]
-    for run in runs:
-        tps = run["decode"]["tokens_per_second"]
-        run["decode"]["speedup_vs_ar"] = tps / ar_tps if tps and ar_tps else None
-        keys = [k for k in run["_samples"] if k in ar["_samples"]]
+def _compare_with_ar(runs: list[tuple[Run, Samples]]) -> None:
+    """Fill ``decode.speedup_vs_ar`` and ``same_output_as_ar`` (per request) against the CARD model's AR run."""
+    ar, ar_samples = next((r, s) for r, s in runs if r.model == "card" and r.mode == "ar")
+    ar_tps = ar.decode.tokens_per_second
+    for run, samples in runs:
+        tps = run.decode.tokens_per_second
+        run.decode.speedup_vs_ar = tps / ar_tps if tps and ar_tps else None
+        keys = [k for k in samples if k in ar_samples]
         if keys:
-            same = sum(run["_samples"][k]["response"] == ar["_samples"][k]["response"] for k in keys)
-            run["agreement_with_ar"] = same / len(keys)
+            same = sum(samples[k]["response"] == ar_samples[k]["response"] for k in keys)
+            run.same_output_as_ar = same / len(keys)
 
 
 def evaluate(
@@ -315,7 +318,7 @@ def evaluate(
     device: str = "cpu",
     bootstrap_iters: int = 100000,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> Results:
     """Evaluate ``ckpt`` on ``tasks`` in every mode (and ``baseline`` in AR); return the results document.
 
     ``tasks`` and ``modes`` are comma-separated strings or lists. Modes: ``ar``, ``lossless``, ``parallel``
@@ -385,26 +388,22 @@ def evaluate(
     # 3. the results document
     import lm_eval
 
-    samples = [{"run": r["label"], **s} for r in runs for s in r.pop("_samples").values()]
-    results = {
-        "card_eval_version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
-        "baseline": base,
-        "settings": {
-            "tasks": task_list, "modes": [s.mode + ("" if s.threshold is None else f"@{s.threshold:g}") for s in specs],
-            "runs": [r["label"] for r in runs],
-            "generation_tasks": gen_tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
-            "block_size": block_size, "seeds": {"python": seed, "numpy": seed, "torch": seed, "fewshot": seed,
-                                                "sampling": seed},
-            "include_paths": [str(BUNDLED_TASKS), *(str(p.resolve()) for p in includes)], "device": device,
-            "dtype": dtype, "bootstrap_iters": bootstrap_iters, "command": command,
-        },
-        "environment": environment(),
-        "lm_eval": {"version": lm_eval.__version__, **{k: {t: v[t] for t in sorted(v)} for k, v in lm_info.items()}},
-        "runs": runs,
-        "seconds": time.perf_counter() - started,
+    samples = [{"run": r.label, **x} for r, found in runs for x in found.values()]
+    settings = {
+        "tasks": task_list, "modes": [s.mode + ("" if s.threshold is None else f"@{s.threshold:g}") for s in specs],
+        "runs": [r.label for r, _ in runs],
+        "generation_tasks": gen_tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+        "block_size": block_size, "seeds": {"python": seed, "numpy": seed, "torch": seed, "fewshot": seed,
+                                            "sampling": seed},
+        "include_paths": [str(BUNDLED_TASKS), *(str(p.resolve()) for p in includes)], "device": device,
+        "dtype": dtype, "bootstrap_iters": bootstrap_iters, "command": command,
     }
+    results = Results(
+        model=model, runs=[r for r, _ in runs], baseline=base,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=settings, environment=environment(),
+        lm_eval={"version": lm_eval.__version__, **{k: {t: v[t] for t in sorted(v)} for k, v in lm_info.items()}},
+        seconds=time.perf_counter() - started,
+    )
     if out is not None:
         from card.eval.report import write_report
         from card.io import atomic_write_text
