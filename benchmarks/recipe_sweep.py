@@ -8,7 +8,7 @@ held-out TinyStories prompts (the ``card_tinystories_cont`` task's) greedily in 
 parallel@0.7 and lossless mode. Reported per variant: the validation AR loss (clean input) and CARD loss,
 tokens per forward, and agreement with the variant's own AR output. Writes ``recipe_sweep.json`` / ``.md``.
 
-The variants: the card-method defaults (tail factor lambda 1.5, t ~ U(0, 1)); a strict tail (lambda = 1, the
+The variants: the toolkit defaults (tail factor lambda 1.5, t ~ U(0, 1)); a strict tail (lambda = 1, the
 contiguous masked suffix that decoding appends); low noise levels only (t ~ U(0, 0.1) or U(0, 0.05): at most
 25 or 12 masks in 256 tokens, the regime of a decoder that appends 8); and softer tails (lambda 2 and 3).
 """
@@ -27,7 +27,7 @@ from card.checkpoint import load_checkpoint
 from card.eval.decoding import decode
 
 VARIANTS = {  # every knob explicit, so the table does not depend on what the recipe file says
-    "card-method defaults": ["objective.tail_factor=1.5", "objective.t_max=1.0"],
+    "toolkit defaults": ["objective.tail_factor=1.5", "objective.t_max=1.0"],
     "strict tail": ["objective.tail_factor=1.0", "objective.t_max=1.0"],
     "strict tail, t <= 0.1": ["objective.tail_factor=1.0", "objective.t_max=0.1"],
     "strict tail, t <= 0.05": ["objective.tail_factor=1.0", "objective.t_max=0.05"],

@@ -1,7 +1,7 @@
 """Where the shared real data lives: one setting, ``CARD_DATA_DIR``.
 
-Defaults to ``shared/data`` beside the repository (``../shared/data`` from the repo root), where this
-workspace keeps the real stories260K model, TinyStories text and the PIQA / HellaSwag / GSM8K files.
+The data dir defaults to ``shared/data`` beside the repository (``../shared/data`` from the repo root); it
+holds the real stories260K model, the TinyStories text and the PIQA / HellaSwag / GSM8K files.
 """
 
 from __future__ import annotations

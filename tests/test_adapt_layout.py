@@ -96,3 +96,27 @@ def test_adapt_functions_are_small_and_the_loop_short():
     assert long == []
     loop = dict(_functions(CARD / "adapt" / "train.py"))["train"]
     assert loop < 60, f"the training loop has {loop} lines"
+
+
+# card/eval/decoding.py is being rewritten on another branch, which drops its card-method.md references;
+# remove it from this set once that branch is merged.
+PENDING_REWRITE = {"card/eval/decoding.py"}
+
+
+def test_no_file_refers_to_a_document_outside_the_repository():
+    import re
+    import subprocess
+
+    repo = CARD.parent
+    files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    outside = re.compile(r"card-method\.md|platform-notes|shared/docs|pitfall \d")
+    found = []
+    for name in files:
+        path = repo / name
+        if name in PENDING_REWRITE or path == Path(__file__).resolve() or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ""}:
+            continue
+        if path.is_file() and outside.search(path.read_text(errors="replace")):
+            found.append(name)
+    assert found == []
+    for link in re.findall(r"\(?(docs/[\w.-]+\.md)", (repo / "README.md").read_text()):
+        assert (repo / link).is_file(), link

@@ -1,4 +1,4 @@
-"""The CARD objective's math: property tests against the definitions in card-method.md section 3."""
+"""The CARD objective's math: property tests against the definitions in docs/method.md (Training)."""
 
 from __future__ import annotations
 
