@@ -120,3 +120,17 @@ def test_no_file_refers_to_a_document_outside_the_repository():
     assert found == []
     for link in re.findall(r"\(?(docs/[\w.-]+\.md)", (repo / "README.md").read_text()):
         assert (repo / link).is_file(), link
+
+
+def test_one_dtype_table_and_one_positions_lookup():
+    import torch
+    import transformers as tf
+
+    from card.checkpoint import DTYPES, PRECISIONS, max_positions, precision_dtype, resolve_dtype
+
+    assert set(PRECISIONS) == {"fp32", "bf16", "fp16"} and set(PRECISIONS.values()) == set(DTYPES) - {"auto"}
+    for short, long in PRECISIONS.items():
+        assert precision_dtype(short) is resolve_dtype(long) is getattr(torch, long)
+    assert max_positions(tf.LlamaConfig(max_position_embeddings=77)) == 77
+    assert max_positions(tf.GPT2Config(n_positions=33)) == 33
+    assert max_positions(tf.PretrainedConfig()) is None
