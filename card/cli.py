@@ -126,6 +126,8 @@ def generate_command(
         forwards = [0]
 
         def on_step(_index: int, new: list[int]) -> None:
+            if forwards[0] == 0:  # only once decoding has started: a refused prompt is not echoed first
+                out.print(prompt, end="")
             ids.extend(new)
             text = ck.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # wait for whole characters
             if text.startswith(shown[0]) and len(text) > len(shown[0]):
@@ -133,7 +135,6 @@ def generate_command(
                 shown[0] = text
             forwards[0] += 1
 
-        out.print(prompt, end="")
     r = generate(ck, [prompt], mode=decoding, on_step=on_step, **settings)[0]
     if json_output:
         keys = ("text", "token_ids", "new_tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second",
@@ -141,6 +142,8 @@ def generate_command(
         d = r.to_dict()
         typer.echo(json.dumps({"prompt": prompt, **{k: d[k] for k in keys}}))
         return
+    if forwards[0] == 0:
+        out.print(prompt, end="")
     out.print()
     out.print(f"[dim]{r.new_tokens} tokens in {r.forwards} forwards ({r.tokens_per_forward:.2f} tokens/forward), "
               f"{r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s, {decoding}, finish: {r.finish_reason}[/]")
@@ -189,18 +192,25 @@ def eval_command(
     seed: int = typer.Option(1234, help="seed for Python, numpy, torch, few-shot sampling and sampled decoding"),
     block_size: Optional[int] = typer.Option(None, help="parallel/lossless: masks per forward (default: checkpoint's)"),
     out: Optional[str] = typer.Option(None, help="write results.json, report.md, report.html, samples.jsonl here"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Evaluate a CARD checkpoint with lm-eval in several decoding modes and write a comparison report."""
+    import contextlib
+
     from card.eval.report import print_results_table
     from card.eval.runner import command_line, evaluate
+    from card.io import atomic_directory
 
     if limit is not None and limit == int(limit):
         limit = int(limit)
-    results = evaluate(ckpt, tasks, modes, include_path=include_path, baseline=baseline, limit=limit,
-                       num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, block_size=block_size, out=out,
-                       dtype=dtype, device=device, command=command_line())
+    claim = contextlib.nullcontext(None) if out is None else atomic_directory(
+        out, overwrite, inputs=[ckpt, baseline, *(include_path or [])], label="--out")
+    with claim as tmp:  # OUT appears whole, after the last score, or not at all
+        results = evaluate(ckpt, tasks, modes, include_path=include_path, baseline=baseline, limit=limit,
+                           num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, block_size=block_size, out=tmp,
+                           dtype=dtype, device=device, command=command_line())
     print_results_table(results, f"card eval {ckpt}")
     if out:
         typer.echo(f"wrote {out}/results.json, report.md, report.html, samples.jsonl")
@@ -212,18 +222,23 @@ app.command("eval")(user_errors(eval_command))
 def report_command(
     dirs: list[str] = typer.Argument(..., help="folders (or results.json files) written by card eval"),
     out: str = typer.Option(..., help="folder for the merged results.json, report.md and report.html"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Merge earlier card eval results into one report."""
     from pathlib import Path
 
     from card.eval.report import load_results, merge_results, print_results_table, write_report
+    from card.io import atomic_directory, check_destination
 
+    inputs = [d if Path(d).is_dir() else Path(d).parent for d in dirs]
+    check_destination(out, overwrite, inputs=inputs, label="--out")  # before reading anything
     docs = [load_results(d) for d in dirs]
     names = [Path(d).name for d in dirs]
     if len(set(names)) < len(names):
         names = list(dirs)
     merged = merge_results(docs, names)
-    write_report(merged, out)
+    with atomic_directory(out, overwrite, inputs=inputs, label="--out") as tmp:
+        write_report(merged, tmp)
     print_results_table(merged, f"card report ({len(docs)} result sets)")
     typer.echo(f"wrote {out}/results.json, report.md, report.html")
 

@@ -122,10 +122,94 @@ def _open_source(path: str | None, spec: DataConfig, key: str, streaming: bool) 
     if builder == "text":
         kwargs["sample_by"] = spec.sample_by
     try:
-        return load_dataset(*args, streaming=streaming, **kwargs)
+        records = load_dataset(*args, streaming=streaming, **kwargs)
     except Exception as e:  # datasets raises many types; the first line says what went wrong
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CardError(f"recipe key {key}: cannot load dataset {path}: {first}") from None
+    local = kwargs.get("data_files") if builder is not None else None
+    return _Checked(records, key, path, local if isinstance(local, list) else _file_list(local), builder)
+
+
+def _file_list(data_files: Any) -> list[str]:
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in ([v] if isinstance(v, str) else v)]
+    return [f for f in data_files or [] if isinstance(f, str)]
+
+
+@dataclass
+class _Checked:
+    """Records of a source whose read errors (bad bytes, malformed lines) become one line naming the file
+    and the line: ``datasets`` reads lazily and reports them as long tracebacks from deep inside Arrow."""
+
+    records: Iterable[dict]
+    key: str
+    path: str | None
+    files: list[str]
+    builder: str | None
+
+    def __iter__(self) -> Iterator[dict]:
+        _quiet_reader_errors()
+        it = iter(self.records)
+        while True:
+            try:
+                rec = next(it)
+            except StopIteration:
+                return
+            except CardError:
+                raise
+            except Exception as e:
+                raise CardError(f"recipe key {self.key}: {read_error(self.files, self.builder, e)}") from None
+            yield rec
+
+
+def _drop_reported(record) -> bool:
+    return not record.getMessage().startswith("Failed to load JSON from file")
+
+
+@functools.lru_cache(maxsize=1)
+def _quiet_reader_errors() -> None:
+    """``datasets``' JSON reader logs its parse error before raising it; ``_Checked`` reports it as one line."""
+    import logging
+
+    logging.getLogger("datasets.packaged_modules.json.json").addFilter(_drop_reported)
+
+
+def read_error(files: list[str], builder: str | None, error: BaseException) -> str:
+    """Where a source cannot be read: the first file and line that is not UTF-8 text (or, for JSON lines,
+    not one JSON value), else the reader's own first line."""
+    for f in files:
+        if _kind(Path(f)) is None or Path(f).name.lower().endswith(COMPRESSIONS) or not os.path.isfile(f):
+            continue
+        where = _bad_line(f, builder)
+        if where:
+            return where
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    named = f"{files[0]}: " if len(files) == 1 else ""
+    return f"cannot read {named}{first}"
+
+
+def _bad_line(path: str, builder: str | None) -> str | None:
+    whole_json = False
+    if builder == "json":
+        try:  # a .json file may be one JSON document spanning many lines
+            json.loads(Path(path).read_bytes())
+            whole_json = True
+        except (ValueError, UnicodeDecodeError):
+            pass
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path} line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if builder == "json" and not whole_json and line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{path} line {n} is not valid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+    return None
 
 
 def _builder_of(data_files: Any, key: str) -> str:

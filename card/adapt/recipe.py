@@ -390,6 +390,8 @@ def load_recipe(
     name = "recipe"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise CardError(f"recipe {path} is a directory; pass a YAML recipe file (see recipes/)")
         if not p.is_file():
             raise CardError(f"recipe {path} does not exist")
         try:
@@ -413,7 +415,19 @@ def load_recipe(
     recipe = _build(Recipe, raw, "")
     if recipe.output_dir is None:
         recipe.output_dir = str((Path.cwd() / "runs" / recipe.name).resolve())
-    return validate(recipe)
+    validate(recipe)
+    check_output_dir(recipe)
+    return recipe
+
+
+def check_output_dir(r: Recipe) -> None:
+    """The run directory must be usable (a writable folder, not the current one, not inside or equal to an
+    input); an existing one is fine, it is resumed. Checked where a run starts, not in every worker."""
+    from card.io import check_destination
+
+    d = r.data
+    check_destination(r.output_dir, replace=False, label="recipe key output_dir:",
+                      inputs=[r.model, d.path, d.validation_path, r.deepspeed])
 
 
 def recipe_from_dict(raw: dict) -> Recipe:

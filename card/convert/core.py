@@ -63,15 +63,54 @@ def padded_vocab_size(rows: int, tokens: int, multiple: int = PAD_MULTIPLE) -> i
     return multiple * math.ceil(max(rows, tokens) / multiple)
 
 
-def choose_mask_token(tok: tf.PreTrainedTokenizerBase, mask_token: str | None) -> tuple[str, bool]:
+ROLE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token")
+
+
+def special_token_roles(tok: tf.PreTrainedTokenizerBase, model: tf.PreTrainedModel | None = None) -> dict[int, str]:
+    """Ids the model already gives a role, with the role: the tokenizer's BOS/EOS/UNK/SEP/CLS, the BOS/EOS and
+    decoder-start ids of the model's config and generation config, and tokens its chat template writes.
+
+    Padding is not a role here: a pad id (unless it is also EOS) is never generated nor attended to.
+    """
+    roles: dict[int, str] = {}
+    for attr in ROLE_TOKENS:
+        token = getattr(tok, attr, None)
+        if isinstance(token, str) and token in tok.get_vocab():
+            roles.setdefault(tok.convert_tokens_to_ids(token), f"the tokenizer's {attr.removesuffix('_token')} token")
+    for cfg in ([] if model is None else [model.config, model.generation_config]):
+        for name in ("bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            v = getattr(cfg, name, None)
+            for i in v if isinstance(v, (list, tuple)) else [v]:
+                if isinstance(i, int):
+                    roles.setdefault(i, f"the model's {name.removesuffix('_token_id').replace('_', '-')} token")
+    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else ""
+    for i, t in tok.added_tokens_decoder.items():
+        if t.content and t.content in template:
+            roles.setdefault(i, "a token of the chat template")
+    return roles
+
+
+def check_mask_token(tok: tf.PreTrainedTokenizerBase, mask_token: str, roles: dict[int, str] | None = None) -> None:
+    """A named mask token must exist and must not be one the model already uses (see ``choose_mask_token``)."""
+    if mask_token not in tok.get_vocab():
+        raise CardError(f"--mask-token {mask_token!r} is not in the tokenizer's vocabulary")
+    role = (special_token_roles(tok) if roles is None else roles).get(tok.convert_tokens_to_ids(mask_token))
+    if role is not None and mask_token != tok.mask_token:
+        raise CardError(f"--mask-token {mask_token!r} is {role}, which the model already uses; choose an unused "
+                        "token, or omit --mask-token to add <|mask|>")
+
+
+def choose_mask_token(tok: tf.PreTrainedTokenizerBase, mask_token: str | None,
+                      roles: dict[int, str] | None = None) -> tuple[str, bool]:
     """Give ``tok`` a mask token; return it and whether it is a new vocabulary entry.
 
-    A named ``mask_token`` must already exist; otherwise a tokenizer's own mask token is kept; otherwise
-    ``<|mask|>`` is added as a new special token.
+    A named ``mask_token`` must already exist and must not be a token the model already uses for something
+    else (``roles``, see ``special_token_roles``): its id goes into ``suppress_tokens``, so reusing EOS would
+    stop ``generate`` from ever ending. Otherwise a tokenizer's own mask token is kept; otherwise ``<|mask|>``
+    is added as a new special token.
     """
     if mask_token is not None:
-        if mask_token not in tok.get_vocab():
-            raise CardError(f"--mask-token {mask_token!r} is not in the tokenizer's vocabulary")
+        check_mask_token(tok, mask_token, roles)
         tok.add_special_tokens({"mask_token": mask_token})
         return mask_token, False
     if tok.mask_token is not None and tok.mask_token in tok.get_vocab():
@@ -147,19 +186,23 @@ def convert(
     message on bad input; ``dst`` is only ever created complete.
     """
     t0 = time.perf_counter()
-    dst = check_destination(dst, overwrite)
+    inputs = [src, tokenizer]
+    dst = check_destination(dst, overwrite, inputs=inputs)
     source: Source = load_source(str(src), dtype, tokenizer)
     model, tok = source.model, source.tokenizer
+    if mask_token is not None:  # refuse a bad --mask-token before anything is written
+        check_mask_token(tok, mask_token, special_token_roles(tok, model))
     ids = verify_ids(tok, model)
     # hashlib releases the GIL: hashing the source weights (the state dict keeps the pre-resize tensors alive)
     # overlaps the forwards and the disk write; the hash joins config.json once the weights are written.
-    with ThreadPoolExecutor(1) as pool, atomic_directory(dst, overwrite=overwrite) as tmp:
+    with ThreadPoolExecutor(1) as pool, atomic_directory(dst, overwrite=overwrite, inputs=inputs) as tmp:
         sha = pool.submit(state_dict_sha256, model.state_dict())
         check_causal(model, ids)
         reference = _logits(model, ids)
+        check_finite(model, reference, source.name)
         tok_before = len(tok)
 
-        mask, added = choose_mask_token(tok, mask_token)
+        mask, added = choose_mask_token(tok, mask_token, special_token_roles(tok, model))
         mask_id = tok.convert_tokens_to_ids(mask)
         rows_before, rows_after = resize_for_mask(model, len(tok), [mask_id] if added else [])
         meta = CardMetadata(
@@ -191,6 +234,16 @@ def convert(
             _verify(tmp, ids, reference, rows_before, mask_id if added else None, report, pool)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_finite(model: tf.PreTrainedModel, reference: torch.Tensor, name: str) -> None:
+    """Refuse a source whose logits are not finite, naming the first non-finite weight if there is one
+    (otherwise verification would report a misleading "logits differ")."""
+    if torch.isfinite(reference).all():
+        return
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    where = f"weight {bad} holds NaN or inf" if bad else "its logits are NaN or inf on the probe text"
+    raise CardError(f"source {name} is not usable: {where}; nothing was written")
 
 
 def _verify(path: Path, ids, reference, n_original: int, new_id: int | None, report: ConvertReport,

@@ -11,11 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import transformers as tf
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from card.checkpoint import resolve_dtype
+from card.checkpoint import check_causal, check_decoder_only, check_tokenizer, resolve_dtype  # noqa: F401 (re-exported)
 from card.convert.llama2c import load_llama2c_model, load_llama2c_tokenizer
 from card.errors import CardError
 from card.metadata import read_metadata
@@ -47,42 +45,11 @@ def _hub_error(src: str, e: BaseException) -> CardError:
     return CardError(f"{src!r} is not a local path and {why}; pass a local checkpoint directory")
 
 
-def check_decoder_only(config: tf.PretrainedConfig) -> None:
-    """Refuse architectures that are not decoder-only causal LMs, from the config alone."""
-    mt = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise CardError(f"{mt} is an encoder-decoder model; CARD needs a decoder-only causal LM")
-    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise CardError(f"{mt} has no causal-LM head in transformers (encoder-only?); CARD needs a decoder-only causal LM")
-    declared = getattr(config, "architectures", None) or []
-    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if declared and not any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in declared):
-        raise CardError(
-            f"{mt} checkpoint is a {declared[0]}, not a causal LM (an encoder-only model); CARD needs a decoder-only causal LM"
-        )
-
-
-def check_causal(model: tf.PreTrainedModel, ids: torch.Tensor) -> None:
-    """Refuse models whose attention looks ahead (encoder-only models loaded through a causal-LM head).
-
-    Architecture-independent: changing the last input token must not change any earlier logits. A short
-    probe keeps a look-ahead's effect large; a causal model computes earlier rows identically.
-    """
-    ids = ids[:, :8]
-    ids2 = ids.clone()
-    ids2[0, -1] = (ids[0, -1] + 1) % model.get_input_embeddings().weight.shape[0]
-    with torch.no_grad():  # one batch of two: both rows go through the same kernels, so equal means equal
-        logits = model(input_ids=torch.cat([ids, ids2])).logits[:, :-1].float()
-    a, b = logits[0], logits[1]
-    if (a - b).abs().max().item() > 1e-6 * max(1.0, a.abs().max().item()):
-        raise CardError(
-            f"{model.config.model_type} attends to future tokens (an encoder-only model); CARD needs a decoder-only causal LM"
-        )
-
-
 def load_source(src: str, dtype: str = "auto", tokenizer: str | None = None) -> Source:
     resolve_dtype(dtype)  # refuse a bad dtype before reading anything
     path = Path(os.path.expanduser(src))
+    if path.is_symlink() and not path.exists():
+        raise CardError(f"source {src} is a symbolic link to {os.readlink(path)}, which does not exist")
     if path.is_file():
         return _load_llama2c(path, dtype, tokenizer)
     if path.is_dir():
@@ -115,8 +82,7 @@ def _load_hf(location: str, name: str, dtype: str) -> Source:
         tok = tf.AutoTokenizer.from_pretrained(location)
     except Exception as e:  # a folder without tokenizer files fails with assorted errors by model type
         raise CardError(f"{name} has no usable tokenizer ({_first_line(e)}); CARD needs one to add the mask token") from None
-    if isinstance(tok, bool) or not hasattr(tok, "get_vocab"):
-        raise CardError(f"{name} has no usable tokenizer; CARD needs one to add the mask token")
+    check_tokenizer(tok, name)
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype))
     except OSError as e:

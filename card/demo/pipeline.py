@@ -17,7 +17,6 @@ corpus with ``recipes`` ``text.yaml``, evaluated on ``tasks``).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,18 +116,18 @@ def run_demo(
         raise CardError("--model and --data go together (a checkpoint and a text corpus to adapt it on)")
     if model is None and tasks is not None:
         raise CardError("--tasks applies with --model/--data; the embedded demo evaluates its own generated tasks")
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise CardError(f"{out} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    from card.io import staged_directory
+
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise CardError(f"need --nproc-per-node >= 1 (got {nproc_per_node})")
     nproc = nproc_per_node or max(1, min(2, os.cpu_count() or 1))
     if GLOBAL_ROWS % nproc:
         raise CardError(f"--nproc-per-node must divide {GLOBAL_ROWS}")
-    out.mkdir(parents=True)
-    if model is None:
-        return _embedded(out, quick, seed, nproc, ar_overrides, card_overrides, console)
-    return _real(out, quick, seed, nproc, model, data, tasks or DEFAULT_REAL_TASKS, card_overrides, console)
+    # A failure (or, at the next run, a kill) leaves nothing behind and an overwritten OUT comes back.
+    with staged_directory(out, overwrite, inputs=[model, data], label="--out") as out:
+        if model is None:
+            return _embedded(out, quick, seed, nproc, ar_overrides, card_overrides, console)
+        return _real(out, quick, seed, nproc, model, data, tasks or DEFAULT_REAL_TASKS, card_overrides, console)
 
 
 def _embedded(out: Path, quick: bool, seed: int, nproc: int, ar_overrides, card_overrides, console) -> DemoResult:
