@@ -268,6 +268,38 @@ app.command("lm-eval", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(user_errors(lm_eval_command))
 
 
+# --------------------------------------------------------------------------------------------- profile
+def profile_command(
+    ckpt: str = typer.Argument(..., help="CARD checkpoint directory (a fresh conversion too)"),
+    data: str = typer.Option(..., help="UTF-8 text file to measure on (held-out text)"),
+    write: bool = typer.Option(False, help="store the profile in the checkpoint's card metadata (config.json)"),
+    block_size: Optional[int] = typer.Option(None, help="masks per forward K (default: the checkpoint's block size)"),
+    buckets: str = typer.Option("0,16,64,256", help="prefix-length bucket edges, comma-separated, starting at 0"),
+    seq_len: Optional[int] = typer.Option(None, help="row length in tokens (default: min(512, positions - K))"),
+    max_rows: int = typer.Option(64, help="measure at most this many rows of the text"),
+) -> None:
+    """Measure per-slot loss (bits) and greedy accuracy by prefix length: slot 1 is AR, slot j+1 is mask j."""
+    from card.profile import profile_checkpoint
+
+    edges = [int(x) for x in buckets.split(",") if x.strip()]
+    p = profile_checkpoint(ckpt, data, K=block_size, bucket_edges=edges, seq_len=seq_len, max_rows=max_rows, write=write)
+    table = Table(title=f"slot profile of {ckpt}: {p['measured_by']}, {p['tokens']:,} tokens", title_justify="left")
+    table.add_column("slot", justify="right")
+    e = p["bucket_edges"]
+    names = [f"{a}-{b - 1}" for a, b in zip(e, e[1:])] + [f"{e[-1]}+"]
+    for n in names:
+        table.add_column(f"prefix {n}\nbits / acc", justify="right")
+    for j in range(p["slots"]):
+        cells = ["-" if l is None else f"{l:.2f} / {a:.2f}" for l, a in zip(p["loss_bits"][j], p["accuracy"][j])]
+        table.add_row(f"{j + 1}{' (AR)' if j == 0 else ''}", *cells)
+    Console(highlight=False).print(table)
+    if write:
+        typer.echo(f"wrote the profile into {ckpt}/config.json (card.slot_profile)")
+
+
+app.command("profile")(user_errors(profile_command))
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def demo_command(
     out: str = typer.Option("runs/demo", help="run folder (data, checkpoints, report)"),

@@ -593,6 +593,9 @@ def _train(recipe: Recipe, run_dir: Path, rank: int, world: int, local_rank: int
     }
     ctx.log(f"consolidating {ctx.checkpoints / tag} -> {run_dir / 'final'}")
     consolidate(ctx.checkpoints, tag, info, run_dir / "final", record)
+    from card.profile import profile_final_checkpoint  # per-slot loss curves into final's card metadata
+
+    profile_final_checkpoint(run_dir / "final", data.validation, log=ctx.log)
     metrics.close()
     summary = {"output_dir": str(run_dir), "final": str(run_dir / "final"), "steps": t.max_steps, "tokens": tokens_seen,
                "seconds": round(elapsed0 + time.perf_counter() - t_start, 2), "world_size": world, "zero_stage": stage,
