@@ -300,6 +300,66 @@ def profile_command(
 app.command("profile")(user_errors(profile_command))
 
 
+# ------------------------------------------------------------------------------------ compress / decompress
+def _token_bar(desc: str):
+    """A tqdm bar over tokens, created at the first report (the total is known only then); silent when
+    stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    state: dict = {}
+
+    def tick(k: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="tok", disable=None, file=sys.stderr, leave=False)
+        state["bar"].update(k)
+
+    return tick, lambda: state["bar"].close() if "bar" in state else None
+
+
+def compress_command(
+    ckpt: str = typer.Argument(..., help="CARD checkpoint directory (decompression needs the same one)"),
+    src: str = typer.Argument(..., help="file to compress (any bytes)"),
+    dst: str = typer.Argument(..., help="compressed output file"),
+    budget: float = typer.Option(1.0, help="forwards per token for decompression: 1 = exact AR, 0.5 = half as "
+                                 "many (ARDM groups planned over the checkpoint's slot profile)"),
+    window: Optional[int] = typer.Option(None, help="tokens per window; each window restarts from BOS "
+                                         "(default: min(1024, positions - 16))"),
+    batch: int = typer.Option(64, help="windows coded side by side in one forward"),
+    overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+) -> None:
+    """Compress a file losslessly with a CARD model and a range coder."""
+    from card.ardm.compress import compress_file
+
+    tick, close = _token_bar("compress")
+    try:
+        stats = compress_file(ckpt, src, dst, budget=budget, window=window, batch=batch, overwrite=overwrite,
+                              on_forward=tick)
+    finally:
+        close()
+    typer.echo(stats.summary("compressed"))
+
+
+def decompress_command(
+    ckpt: str = typer.Argument(..., help="the CARD checkpoint the file was compressed with"),
+    src: str = typer.Argument(..., help="file written by card compress"),
+    dst: str = typer.Argument(..., help="output file (written only if the checksum matches)"),
+    overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+) -> None:
+    """Decompress a file written by card compress (same checkpoint, same kind of machine)."""
+    from card.ardm.compress import decompress_file
+
+    tick, close = _token_bar("decompress")
+    try:
+        stats = decompress_file(ckpt, src, dst, overwrite=overwrite, on_forward=tick)
+    finally:
+        close()
+    typer.echo(stats.summary("decompressed"))
+
+
+app.command("compress")(user_errors(compress_command))
+app.command("decompress")(user_errors(decompress_command))
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def demo_command(
     out: str = typer.Option("runs/demo", help="run folder (data, checkpoints, report)"),
