@@ -266,11 +266,11 @@ def profile_final_checkpoint(final: str | os.PathLike, rows, K: int | None = Non
                              log: Callable[[str], None] = lambda _: None) -> dict[str, Any] | None:
     """``card adapt``'s finish: the slot profile of the consolidated checkpoint on the validation rows,
     written into it. Skipped (None) for plain AR checkpoints and empty validation sets."""
-    from card.checkpoint import load_checkpoint
+    from card.checkpoint import check_checkpoint_path, load_checkpoint
 
-    ck = load_checkpoint(final, dtype="float32")
-    if ck.meta is None or len(rows) == 0:
+    if check_checkpoint_path(final) is None or len(rows) == 0:
         return None
+    ck = load_checkpoint(final, dtype="float32")
     K = ck.meta.decoding.block_size if K is None else K
     profile = measure_slot_profile(ck.model, rows_from_validation(rows), K,
                                    measured_by="card adapt validation")
