@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         doc["models"].append({"name": name, "source": str(src), "adaptation_steps": sum(a.get("steps", 0) for a in meta.adaptation),
                               "profile_bits": meta.slot_profile["loss_bits"], "slice": slices.get(name)})
         doc["rows"] += run_model(name, ckpt, data, budgets, slices.get(name))
+        write_results(args.out, args.name, doc, markdown(doc))  # after each model: a slow last one loses nothing
     md = markdown(doc)
-    write_results(args.out, args.name, doc, md)
     print(md)
     return doc
 
