@@ -263,6 +263,98 @@ app.command("lm-eval", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(user_errors(lm_eval_command))
 
 
+# --------------------------------------------------------------------------------------------- profile
+def profile_command(
+    ckpt: str = typer.Argument(..., help="CARD checkpoint directory (a fresh conversion too)"),
+    data: str = typer.Option(..., help="UTF-8 text file to measure on (held-out text)"),
+    write: bool = typer.Option(False, help="store the profile in the checkpoint's card metadata (config.json)"),
+    block_size: Optional[int] = typer.Option(None, help="masks per forward K (default: the checkpoint's block size)"),
+    buckets: str = typer.Option("0,16,64,256", help="prefix-length bucket edges, comma-separated, starting at 0"),
+    seq_len: Optional[int] = typer.Option(None, help="row length in tokens (default: min(512, positions - K))"),
+    max_rows: int = typer.Option(64, help="measure at most this many rows of the text"),
+) -> None:
+    """Measure per-slot loss (bits) and greedy accuracy by prefix length: slot 1 is AR, slot j+1 is mask j."""
+    from card.profile import profile_checkpoint
+
+    edges = [int(x) for x in buckets.split(",") if x.strip()]
+    p = profile_checkpoint(ckpt, data, K=block_size, bucket_edges=edges, seq_len=seq_len, max_rows=max_rows, write=write)
+    table = Table(title=f"slot profile of {ckpt}: {p['measured_by']}, {p['tokens']:,} tokens", title_justify="left")
+    table.add_column("slot", justify="right")
+    e = p["bucket_edges"]
+    names = [f"{a}-{b - 1}" for a, b in zip(e, e[1:])] + [f"{e[-1]}+"]
+    for n in names:
+        table.add_column(f"prefix {n}\nbits / acc", justify="right")
+    for j in range(p["slots"]):
+        cells = ["-" if l is None else f"{l:.2f} / {a:.2f}" for l, a in zip(p["loss_bits"][j], p["accuracy"][j])]
+        table.add_row(f"{j + 1}{' (AR)' if j == 0 else ''}", *cells)
+    Console(highlight=False).print(table)
+    if write:
+        typer.echo(f"wrote the profile into {ckpt}/config.json (card.slot_profile)")
+
+
+app.command("profile")(user_errors(profile_command))
+
+
+# ------------------------------------------------------------------------------------ compress / decompress
+def _token_bar(desc: str):
+    """A tqdm bar over tokens, created at the first report (the total is known only then); silent when
+    stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    state: dict = {}
+
+    def tick(k: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="tok", disable=None, file=sys.stderr, leave=False)
+        state["bar"].update(k)
+
+    return tick, lambda: state["bar"].close() if "bar" in state else None
+
+
+def compress_command(
+    ckpt: str = typer.Argument(..., help="CARD checkpoint directory (decompression needs the same one)"),
+    src: str = typer.Argument(..., help="file to compress (any bytes)"),
+    dst: str = typer.Argument(..., help="compressed output file"),
+    budget: float = typer.Option(1.0, help="forwards per token for decompression: 1 = exact AR, 0.5 = half as "
+                                 "many (ARDM groups planned over the checkpoint's slot profile)"),
+    window: Optional[int] = typer.Option(None, help="tokens per window; each window restarts from BOS "
+                                         "(default: min(1024, positions - 16))"),
+    batch: int = typer.Option(64, help="windows coded side by side in one forward"),
+    overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+) -> None:
+    """Compress a file losslessly with a CARD model and a range coder."""
+    from card.ardm.compress import compress_file
+
+    tick, close = _token_bar("compress")
+    try:
+        stats = compress_file(ckpt, src, dst, budget=budget, window=window, batch=batch, overwrite=overwrite,
+                              on_forward=tick)
+    finally:
+        close()
+    typer.echo(stats.summary("compressed"))
+
+
+def decompress_command(
+    ckpt: str = typer.Argument(..., help="the CARD checkpoint the file was compressed with"),
+    src: str = typer.Argument(..., help="file written by card compress"),
+    dst: str = typer.Argument(..., help="output file (written only if the checksum matches)"),
+    overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+) -> None:
+    """Decompress a file written by card compress (same checkpoint, same kind of machine)."""
+    from card.ardm.compress import decompress_file
+
+    tick, close = _token_bar("decompress")
+    try:
+        stats = decompress_file(ckpt, src, dst, overwrite=overwrite, on_forward=tick)
+    finally:
+        close()
+    typer.echo(stats.summary("decompressed"))
+
+
+app.command("compress")(user_errors(compress_command))
+app.command("decompress")(user_errors(decompress_command))
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def demo_command(
     out: str = typer.Option("runs/demo", help="run folder (data, checkpoints, report)"),

@@ -286,14 +286,47 @@ def staged_directory(
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_file_destination(
+    dst: str | os.PathLike, overwrite: bool = False, *, inputs: Iterable[str | os.PathLike | None] = (),
+    label: str = "destination",
+) -> Path:
+    """Refuse an unusable output *file* before any work is done, as ``check_destination`` does for folders:
+    one of ``inputs``; an existing folder; an existing file without ``overwrite``; a path through a file; a
+    place this process cannot write."""
+    dst = Path(os.path.expanduser(str(dst)))
+    what = f"{label} {dst}"
+    for src in inputs:
+        if src is not None and Path(os.path.expanduser(str(src))).exists() and dst.exists() \
+                and os.path.samefile(src, dst):
+            raise CardError(f"{what} is also an input; name a new file")
+    if dst.is_dir():
+        raise CardError(f"{what} is a directory; name a file")
+    if dst.exists() and not overwrite:
+        raise CardError(f"{what} already exists; pass --overwrite to replace it")
+    base = _nearest_existing(dst.parent)
+    if not base.is_dir():
+        raise CardError(f"{what}: cannot create it, {base} is a file, not a directory")
+    _probe_writable(base, what)
+    return dst
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file beside it and a rename: all or nothing."""
+    _atomic_write(path, data, "wb")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and a rename."""
+    _atomic_write(path, text, "w")
+
+
+def _atomic_write(path: str | os.PathLike, data: str | bytes, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any new file
         os.replace(tmp, path)
     except BaseException:

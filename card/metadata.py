@@ -39,6 +39,7 @@ class CardMetadata:
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
     format_version: int = FORMAT_VERSION
     adaptation: list[dict[str, Any]] = field(default_factory=list)  # one entry per CARD adaptation run
+    slot_profile: dict[str, Any] | None = None  # per-slot loss/accuracy by prefix bucket (card.profile)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -279,6 +279,9 @@ class Trainer:
         record = self.adaptation_record()
         self.log(f"consolidating {self.checkpoints / tag} -> {final}")
         consolidate(self.checkpoints, tag, self.run.model.path, final, record)
+        from card.profile import profile_final_checkpoint  # per-slot loss curves into final's card metadata
+
+        profile_final_checkpoint(final, self.data.validation, log=self.log)
         self.metrics.close()
         last = self.metrics.last
         summary = {"output_dir": str(self.run_dir), "final": str(final), "steps": self.recipe.train.max_steps,
