@@ -303,10 +303,10 @@ def test_batch_equals_one_by_one(arch, mode, kw, loaded, stories):
     assert batched[0].settings["batch_size"] == 3 and batched[3].settings["batch_size"] == 1
 
 
-@pytest.mark.parametrize("mode,kw", [("parallel", dict(threshold=0.2)), ("lossless", dict(block_size=4))])
+@pytest.mark.parametrize("mode,kw", [("parallel", dict(threshold=0.2, block_size=8)), ("lossless", dict(block_size=4))])
 def test_batch_with_cache_compaction_at_every_step_equals_one_by_one(mode, kw, stories, monkeypatch):
     """Squeezing the masked slots out of the batched cache after every forward changes no output."""
-    import card.eval.decoding as decoding
+    import card.eval.decoding.engine as decoding
 
     monkeypatch.setattr(decoding, "COMPACT_MIN_WASTE", 0)
     monkeypatch.setattr(decoding, "COMPACT_WASTE_RATIO", 0.0)
