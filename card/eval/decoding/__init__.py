@@ -19,7 +19,7 @@ per second; a fixed K is the paper's decoder, and with it a prompt's output does
 
 from card.eval.decoding.api import check_settings, decode, decode_ar, decode_lossless, decode_parallel, decode_spec, generate
 from card.eval.decoding.cost import CostModel
-from card.eval.decoding.engine import DecodeResult, Request
+from card.eval.decoding.engine import DecodeResult, Request, check_max_new_tokens
 from card.eval.decoding.spec import DEFAULT_MAX_NEW_TOKENS, DRAFTS, MODES, RULES, DecodingSpec, parse_block_size, parse_modes
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "DecodeResult",
     "DecodingSpec",
     "Request",
+    "check_max_new_tokens",
     "check_settings",
     "decode",
     "decode_ar",

@@ -95,7 +95,8 @@ class DecodingSpec:
         item = str(text).strip()
         name, at, value = item.partition("@")
         if name not in MODES or (at and name != "parallel"):
-            raise CardError(f"unknown mode {item!r}; use ar, lossless, parallel or parallel@T with T in (0, 1]")
+            raise CardError(f"unknown mode {item!r}: the decoding mode must be ar, lossless, parallel or parallel@T "
+                            "with T in (0, 1]")
         threshold = None
         if at:
             try:
