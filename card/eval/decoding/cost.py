@@ -11,8 +11,9 @@ tokens (k masks or drafts), so the planner (``card.eval.decoding.planner``) read
 Measurement: for each batch size on the grid 1, 2, 4, 8, ... (a batch is priced at the next grid point up,
 which over-prices lookahead slightly: the conservative side), a cache over a random prefix of
 ``PREFIX`` tokens is built once, then forwards over q in ``QUERY_GRID`` are timed round-robin (one warm-up
-round, then the minimum of ``REPEATS`` rounds, stopping early once ``BUDGET_S`` is spent), each followed by
-the softmax the decoders take, and the cache is cropped back. Between grid points c is interpolated
+round, then the minimum over rounds until ``BUDGET_S`` is spent: at least 2, at most 25), each with the
+2D attention mask the batched decoder passes and followed by the softmax the decoders take, and the cache is
+cropped back. Between grid points c is interpolated
 linearly in q, and it is made non-decreasing (noise must not make a longer forward look cheaper).
 
 Tables are cached in memory and on disk under ``$CARD_CACHE_DIR/cost`` (default ``~/.cache/card/cost``),
@@ -35,9 +36,9 @@ import transformers as tf
 BATCH_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUERY_GRID = (1, 2, 3, 5, 9, 17)
 PREFIX = 64
-REPEATS = 3
-BUDGET_S = 2.0  # measurement time per batch size after the warm-up round (large models stop early)
-FORMAT = 1
+MIN_ROUNDS, MAX_ROUNDS = 2, 25
+BUDGET_S = 0.2  # timed rounds per batch size stop after this long (at least MIN_ROUNDS: large models)
+FORMAT = 2
 
 _MEMORY: dict[str, "CostModel"] = {}
 
@@ -198,10 +199,15 @@ def measure_table(model: tf.PreTrainedModel, batch: int) -> dict[int, float]:
 
     def once(q: int) -> float:
         pos = torch.arange(prefix, prefix + q, device=device).expand(batch, -1)
+        # The batched decoder passes a 2D mask over cache + segment (pads, rejected drafts): so do we.
+        mask = None
+        if batch > 1:  # with a hole (one padded slot), so the model cannot skip the mask as all-ones
+            mask = torch.ones(batch, prefix + q, dtype=torch.bool, device=device)
+            mask[0, 0] = False
         sync()
         t = time.perf_counter()
-        out = model(input_ids=ids[:, prefix:prefix + q], position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=q)
+        out = model(input_ids=ids[:, prefix:prefix + q], position_ids=pos, attention_mask=mask,
+                    past_key_values=cache, use_cache=True, logits_to_keep=q)
         torch.softmax(out.logits.float(), -1).max(-1)
         sync()
         dt = time.perf_counter() - t
@@ -212,9 +218,9 @@ def measure_table(model: tf.PreTrainedModel, batch: int) -> dict[int, float]:
         once(q)
     best = {q: float("inf") for q in QUERY_GRID}
     start = time.perf_counter()
-    for r in range(REPEATS):
+    for r in range(MAX_ROUNDS):
         for q in QUERY_GRID:
             best[q] = min(best[q], once(q))
-        if time.perf_counter() - start > BUDGET_S:
+        if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S:
             break
     return best

@@ -13,7 +13,9 @@ Every forward commits slot 1 (the exact AR token) plus the accepted slots.
   of B rows is wide (1 + 2m) unless all rows are in N:  r(m) = B [pi_D (1 + A(m)) + pi_N] /
   [(1 - pi_N^B) c(B, 1 + 2m) + pi_N^B c(B, 1 + m)].
 
-m = 0 is plain AR, r(0) = 1 / c(B, 1), so the chosen m = argmax r(m) is never predicted slower than AR.
+m = 0 is plain AR, r(0) = 1 / c(B, 1), so the chosen m = argmax r(m) is never predicted slower than AR; a
+lookahead must promise ``MARGIN`` (10%) more than AR, since c(B, q) times the model only and a lookahead
+forward costs the loop some Python time besides (drafts, verification, cache bookkeeping).
 
 Estimates start from a prior the checkpoint carries (``slot_prior``) and follow the observed acceptances
 (``SlotStats``: Beta-style pseudo-counts, exponentially forgotten so that they track the text). A slot that
@@ -28,10 +30,12 @@ from typing import Callable, Sequence
 
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
 DECAY = 0.98  # per observation: about the last 50 observations count
-EXPLORE = 0.03  # at most this share of the forward time is spent exploring a deeper slot
+EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
 ADAPTED_PRIOR = 0.6  # an adapted checkpoint without a measured slot profile
 UNTRAINED_PRIOR = 0.02  # a converted, never adapted checkpoint: its masks predict almost nothing
 NGRAM_PRIOR = 0.5
+MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
+REPLAN = 4  # observations between two re-plannings (the estimates move slowly; planning costs Python time)
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -66,9 +70,10 @@ def lossless_rate(rates: Sequence[float], m: int, batch: int, cost: Callable[[fl
     return tokens / ((1.0 - narrow) * cost(1 + 2 * m) + narrow * cost(1 + m))
 
 
-def best_lookahead(rate: Callable[[int], float], k_max: int) -> int:
-    """argmax_{0 <= m <= k_max} rate(m); the smallest m among ties (fewer masks, same speed)."""
-    best, best_rate = 0, rate(0)
+def best_lookahead(rate: Callable[[int], float], k_max: int, margin: float = MARGIN) -> int:
+    """argmax_{0 <= m <= k_max} rate(m), where m > 0 must beat AR's rate(0) by ``margin``; fewest masks on ties."""
+    base = rate(0)
+    best, best_rate = 0, base * margin
     for m in range(1, k_max + 1):
         r = rate(m)
         if r > best_rate * (1 + 1e-9):
@@ -87,6 +92,7 @@ class SlotStats:
         self.succ = [0.0] * len(self.prior)
         self.tries = [0.0] * len(self.prior)
         self.version = 0  # bumped on every observation (callers cache derived curves on it)
+        self.pending_decay = 0
 
     def rates(self) -> list[float]:
         n0 = self.strength
@@ -96,15 +102,20 @@ class SlotStats:
         """One verification: slots 1..proposed were offered, the first ``accepted`` of them were accepted."""
         if proposed <= 0:
             return
-        d = self.decay
-        for j in range(len(self.tries)):
-            self.succ[j] *= d
-            self.tries[j] *= d
         for j in range(min(accepted + 1, proposed, len(self.tries))):
             self.tries[j] += 1.0
             if j < accepted:
                 self.succ[j] += 1.0
+        self.pending_decay += 1
         self.version += 1
+
+    def forget(self) -> None:
+        """Apply the forgetting of the observations since the last call (once per forward: cheaper)."""
+        if self.pending_decay:
+            f = self.decay ** self.pending_decay
+            self.succ = [x * f for x in self.succ]
+            self.tries = [x * f for x in self.tries]
+            self.pending_decay = 0
 
 
 def profile_prior(profile: dict, k: int) -> list[float] | None:
@@ -181,9 +192,9 @@ class Lookahead:
 
     def best(self, batch: int) -> int:
         """argmax_m r(m) for the current estimates (cached until they or the batch change)."""
-        key = (batch, self.stats.version)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
+        c = self._cached
+        if c is not None and c[0] == batch and self.stats.version - c[1] < REPLAN:
+            return c[2]
         rates = self.stats.rates()
         cost = lambda q: self.cost(batch, q)  # noqa: E731
         if self.mode == "parallel":
@@ -191,7 +202,7 @@ class Lookahead:
             m = best_lookahead(lambda m: parallel_rate(curve, m, cost), self.k_max)
         else:
             m = best_lookahead(lambda m: lossless_rate(rates, m, batch, cost), self.k_max)
-        self._cached = (key, m)
+        self._cached = (batch, self.stats.version, m)
         return m
 
     def masks(self, batch: int) -> int:
@@ -204,8 +215,9 @@ class Lookahead:
         self.budget += self.explore * self.cost(batch, width)
         if m < self.k_max:
             e = m + 1
-            # Lossless pays twice: the masks now, their drafts' verification next forward.
-            extra = (self.cost(batch, 1 + 2 * e) - self.cost(batch, width)) if self.mode == "lossless" else (
+            # Exploring pays twice: the mask now, and next forward the drafts' verification (lossless) or the
+            # re-fed accepted tokens (parallel).
+            extra = 2 * (self.cost(batch, 1 + 2 * e) - self.cost(batch, width)) if self.mode == "lossless" else 2 * (
                 self.cost(batch, 1 + e) - self.cost(batch, 1 + m))
             if self.budget >= extra:
                 self.budget -= extra

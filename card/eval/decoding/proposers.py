@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from card.eval.decoding.planner import NGRAM_PRIOR, Lookahead, SlotStats, accepted_curve
+from card.eval.decoding.planner import MARGIN, NGRAM_PRIOR, REPLAN, Lookahead, SlotStats, accepted_curve
 
 NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest first)
 
@@ -88,6 +88,7 @@ class MaskProposer:
         if self.stats is not None and proposal.masks:
             for o in outcomes:
                 self.stats.observe(o.proposed, o.accepted)
+            self.stats.forget()
 
 
 class DraftProposer:
@@ -95,7 +96,8 @@ class DraftProposer:
 
     With automatic lookahead, m comes from the ``Lookahead`` (the stationary mask-draft model) and the drafts
     of each row are the source with the larger expected number of accepted tokens; their common length d is
-    the one maximising sum_rows (1 + A_row(d)) / c(B, pending + d + m), never shorter than the mask drafts
+    the one maximising sum_rows w_row (1 + A_row(d)) / c(B, pending + d + m) (w: the row's share of the work
+    left, see ``_choose``), never shorter than the mask drafts
     already made (they are what the masks were paid for). With a fixed K, a row uses its mask drafts when
     it has them and prompt lookup otherwise, so its steps do not depend on the rest of the batch.
     """
@@ -115,7 +117,7 @@ class DraftProposer:
     def _curve(self, stats: SlotStats) -> list[float]:
         key = id(stats)
         hit = self._curves.get(key)
-        if hit is None or hit[0] != stats.version:
+        if hit is None or stats.version - hit[0] >= REPLAN:
             hit = self._curves[key] = (stats.version, accepted_curve(stats.rates()))
         return hit[1]
 
@@ -144,14 +146,20 @@ class DraftProposer:
         pending = max(len(r.pending) for r in rows)
         d_min = max(map(len, mask_d))
         d_max = max(d_min, max(len(g) for g, _ in ngram))
+        # A static batch runs until its slowest row is done: a row's tokens are worth its share of the work
+        # left (w = remaining / the most remaining), so drafts for rows far ahead do not widen everyone's forward.
+        most = max(_remaining(r) for r in rows)
+        weights = [_remaining(r) / most for r in rows]
         best_d, best_rate = d_min, -1.0
         for d in range(d_min, d_max + 1):
             tokens = 0.0
-            for md, (g, n) in zip(mask_d, ngram):
+            for w, md, (g, n) in zip(weights, mask_d, ngram):
                 e_mask = mc[min(d, len(md))] if md else 0.0
                 e_ng = ncs[n - 1][min(d, len(g))] if g else 0.0
-                tokens += 1.0 + max(e_mask, e_ng)
+                tokens += w * (1.0 + max(e_mask, e_ng))
             rate = tokens / self.cost(B, pending + d + m)
+            if d > d_min:
+                rate /= MARGIN  # extra drafts must promise MARGIN more than none (see the planner)
             if rate > best_rate * (1 + 1e-9):
                 best_d, best_rate = d, rate
         drafts, sources = [], []
@@ -182,3 +190,6 @@ class DraftProposer:
                 r.drafts = o.mask_predictions[:max(0, _remaining(r) - 1)]
             else:
                 r.drafts = []
+        self.mask_stats.forget()
+        for s in self.ngram_stats:
+            s.forget()
