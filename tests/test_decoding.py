@@ -32,6 +32,15 @@ TINY_THRESHOLD = 0.05  # on the unadapted tiny models this accepts 1 to 5 tokens
 
 
 
+@pytest.fixture(autouse=True, scope="module")
+def cost_cache(tmp_path_factory):
+    """A private cost-model cache (automatic lookahead measures c(B, q)): tests do not write the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CARD_CACHE_DIR", str(tmp_path_factory.mktemp("card-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def card_ckpt(tiny_ckpt, tmp_path_factory):
     """Factory: ``card_ckpt(arch, seed)`` -> path of the converted tiny checkpoint, converted once per session."""

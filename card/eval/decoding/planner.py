@@ -219,6 +219,8 @@ class Lookahead:
             # re-fed accepted tokens (parallel).
             extra = 2 * (self.cost(batch, 1 + 2 * e) - self.cost(batch, width)) if self.mode == "lossless" else 2 * (
                 self.cost(batch, 1 + e) - self.cost(batch, 1 + m))
+            # Priced at least a quarter forward, so a nearly free extra token is not explored at every step.
+            extra = max(extra, 0.25 * self.cost(batch, 1))
             if self.budget >= extra:
                 self.budget -= extra
                 self.exploring = True
