@@ -267,3 +267,10 @@ def test_ngram_index_finds_the_latest_earlier_match(seq, split, length):
             want, want_n = seq[j:j + length], size
             break
     assert (got, n) == (want, want_n)
+
+
+@given(table=st.dictionaries(st.sampled_from(cost_mod.QUERY_GRID), st.floats(1e-4, 1.0), min_size=2))
+def test_cost_never_exceeds_q_one_token_forwards(table):
+    t = cost_mod.monotone(table)
+    first = table[min(table)]
+    assert all(t[q] <= q * first * (1 + 1e-12) for q in t)

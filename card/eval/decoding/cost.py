@@ -89,10 +89,11 @@ def interpolate(table: dict[int, float], q: float) -> float:
 
 
 def monotone(table: dict[int, float]) -> dict[int, float]:
-    """Running maximum over increasing q: c(B, q) never decreases in q."""
+    """c(B, q) never decreases in q (running maximum) and never exceeds q one-token forwards, q c(B, 1)."""
     out, best = {}, 0.0
+    first = table[min(table)]
     for q in sorted(table):
-        best = max(best, table[q])
+        best = max(best, min(table[q], q * first))
         out[q] = best
     return out
 
@@ -133,7 +134,8 @@ class CostModel:
             if self._measure is None:
                 raise KeyError(b)
             t0 = time.perf_counter()
-            self.tables[b] = monotone(self._measure(b))
+            raw = self._measure(b)
+            self.tables[b] = monotone(raw)
             self.measured_seconds += time.perf_counter() - t0
             self._save()
         return self.tables[b]
