@@ -141,7 +141,10 @@ def test_auto_lookahead_results_record_the_choice_and_break_even(stories):
     json.dumps(r.to_dict())
 
 
-def test_parallel_on_an_unadapted_checkpoint_warns_once(tiny, capsys):
+def test_parallel_on_an_unadapted_checkpoint_warns_once(tiny, capsys, monkeypatch):
+    from card.eval.decoding import planner
+
+    monkeypatch.setattr(planner, "_WARNED", set())  # as in a fresh process
     ck = tiny("gpt2", 0)
     decode_lossless(ck.model, ck.tokenizer, ["hi"], max_new_tokens=2)
     assert "untrained" not in capsys.readouterr().err  # lossless stays exact: no warning

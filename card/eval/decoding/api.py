@@ -74,6 +74,8 @@ def decode_spec(
     results = []
     for start in range(0, len(rows), size):
         batch = rows[start:start + size]
+        if cost is not None:
+            cost.table(len(batch))  # measure (once per model and device) outside the timed decode
         proposer, acceptor = _mode(spec, cost, prior, auto)
         run_batch(model, tokenizer, batch, proposer, acceptor, mask_id, eos, suppress, on_step)
         look = _lookahead_record(spec, cost, len(batch), prior_source, auto)
