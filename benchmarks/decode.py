@@ -1,19 +1,20 @@
-"""Decoding benchmark: AR vs CARD parallel decoding (several thresholds) vs lossless, at batch 1 and 8.
+"""Decoding benchmark: AR vs CARD parallel vs lossless (fixed and automatic lookahead) vs transformers peers.
 
-    python -m benchmarks.decode [--model CKPT] [--max-new-tokens N] [--out benchmarks/results]
+    python -m benchmarks.decode [--model CKPT] [--max-new-tokens N] [--prompts N] [--out benchmarks/results]
 
 Default model: the real stories260K from ``$CARD_DATA_DIR`` (default ``../shared/data``), converted into a
 temporary folder. An unadapted model accepts few parallel tokens: that is the honest baseline.
-Prompts: the first sentence of distinct TinyStories validation paragraphs.
+Prompts: the first sentence of distinct TinyStories validation paragraphs (or ``--prompt-file``).
 
-Per mode and batch size it reports generated tokens, forwards (summed over prompts), tokens per forward,
-tokens per second (wall, median of ``--repeats`` runs interleaved across modes), the speedup over AR
-measured in the same run, the same two per CPU second of this process (steadier on a shared machine),
-and the agreement with AR (the fraction of AR's positions holding the same
-token). ``transformers`` ``generate`` (greedy) is timed at the same batch sizes for reference. A second
-table gives the cost of one forward against its number of query tokens (1, 2, 5, 9) over a cached
-prefix: a step with q query tokens must commit about cost(q) / cost(1) tokens to break even in wall time.
-Writes ``decode.json`` and ``decode.md`` into ``--out`` and prints the markdown.
+Runs, at batch 1 and 8, interleaved across repeats so that background load hits all of them alike:
+``ar``; ``parallel`` (the checkpoint's threshold) and ``parallel@0.7`` with automatic lookahead and with the
+fixed block size; ``lossless`` automatic (mask + prompt-lookup drafts) and fixed (mask drafts); and two
+``transformers`` peers: greedy ``generate`` (AR) and prompt-lookup decoding (``prompt_lookup_num_tokens``,
+batch 1 only: transformers refuses larger batches for it). Per run: tokens, forwards, tokens per forward,
+tokens per second (wall, median of ``--repeats``), the speedup over our AR in the same run, the same per CPU
+second of this process, the fraction of tokens the same as AR, and for automatic lookahead the masks and drafts chosen per
+forward and the break-even the cost model gave. A second table is the cost model's c(B, q) itself.
+Writes ``NAME.json`` and ``NAME.md`` into ``--out`` and prints the markdown.
 """
 
 from __future__ import annotations
@@ -28,22 +29,27 @@ import transformers as tf
 
 from benchmarks.common import converted_stories260k, environment, markdown_table, story_prompts, write_results
 from card.checkpoint import load_checkpoint
-from card.eval.decoding import decode
+from card.eval.decoding import CostModel, DecodingSpec, decode
 
-THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
 BATCH_SIZES = (1, 8)
-QUERY_LENGTHS = (1, 2, 5, 9)
+QUERY_LENGTHS = (1, 2, 3, 5, 9, 17)
+PROMPT_LOOKUP_TOKENS = 10  # transformers' usual setting
 
 
-def modes(block_size: int) -> list[tuple[str, str, dict]]:
-    """(label, mode, settings) of every decoder measured."""
-    out = [("ar", "ar", {})]
-    out += [(f"parallel@{t}", "parallel", dict(threshold=t, block_size=block_size)) for t in THRESHOLDS]
-    out += [("lossless", "lossless", dict(block_size=block_size))]
-    return out
+def modes(threshold: float, block_size: int) -> list[tuple[str, DecodingSpec]]:
+    """(label, spec) of every CARD decoder measured."""
+    par = DecodingSpec("parallel", threshold=threshold)
+    return [
+        ("ar", DecodingSpec("ar")),
+        (f"parallel@{threshold:g} auto", par),
+        (f"parallel@{threshold:g} K={block_size}", par.with_(block_size=block_size)),
+        ("parallel@0.7 auto", DecodingSpec("parallel", threshold=0.7)),
+        ("lossless auto", DecodingSpec("lossless")),
+        (f"lossless K={block_size}", DecodingSpec("lossless").with_(block_size=block_size)),
+    ]
 
 
-def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+def same_tokens(reference: list[list[int]], other: list[list[int]]) -> float:
     """Fraction of positions where ``other`` has the reference's token (over the longer of the two outputs)."""
     same = total = 0
     for a, b in zip(reference, other):
@@ -53,7 +59,7 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
 
 
 def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
-                stop: tuple[str, ...] = ()) -> list[list[int]]:
+                stop: tuple[str, ...] = (), **generate_kwargs) -> list[list[int]]:
     """Greedy ``model.generate`` on left-padded batches; returns the generated ids (without padding)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs = []
@@ -65,7 +71,8 @@ def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_t
         with torch.inference_mode():
             extra = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, past_key_values=tf.DynamicCache(config=model.config), **extra)
+                                 pad_token_id=pad, past_key_values=tf.DynamicCache(config=model.config), **extra,
+                                 **generate_kwargs)
         eos = model.generation_config.eos_token_id
         eos = {eos} if isinstance(eos, int) else set(eos or [])
         for row in out[:, width:].tolist():
@@ -76,31 +83,15 @@ def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_t
     return outputs
 
 
-@torch.inference_mode()
-def forward_cost(model, prefix: int, batch: int, repeats: int) -> list[dict]:
-    """Median seconds of one forward over q query tokens on top of a cached ``prefix`` (cache cropped back).
+class ForwardCounter:
+    """Counts the model's forwards (a forward hook): how many a ``transformers`` peer needed."""
 
-    The query lengths are timed round-robin so that background load affects them alike.
-    """
-    cache = tf.DynamicCache(config=model.config)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, min(300, vocab), (batch, prefix + max(QUERY_LENGTHS)))
-    model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    wall: dict[int, list[float]] = {q: [] for q in QUERY_LENGTHS}
-    cpu: dict[int, list[float]] = {q: [] for q in QUERY_LENGTHS}
-    for _ in range(repeats):
-        for q in QUERY_LENGTHS:
-            pos = torch.arange(prefix, prefix + q).expand(batch, -1)
-            t, c = time.perf_counter(), time.process_time()
-            model(input_ids=ids[:, prefix:prefix + q], position_ids=pos, past_key_values=cache, use_cache=True,
-                  logits_to_keep=q)
-            wall[q].append(time.perf_counter() - t)
-            cpu[q].append(time.process_time() - c)
-            cache.crop(-q)
-    ms = {q: 1000 * statistics.median(t) for q, t in wall.items()}
-    cpu_ms = {q: 1000 * statistics.median(t) for q, t in cpu.items()}
-    return [{"batch": batch, "prefix": prefix, "query_tokens": q, "ms": ms[q], "cpu_ms": cpu_ms[q],
-             "cost_vs_1": ms[q] / ms[1], "cpu_cost_vs_1": cpu_ms[q] / cpu_ms[1]} for q in QUERY_LENGTHS]
+    def __init__(self, model) -> None:
+        self.n = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.n += 1
 
 
 def file_prompts(path: str, n: int) -> list[str]:
@@ -120,71 +111,105 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
         ck = load_checkpoint(path, dtype="float32", require_card=True)
     model, tok = ck.model, ck.tokenizer
     block_size = ck.meta.decoding.block_size if block_size is None else block_size
+    threshold = ck.meta.decoding.threshold
     prompts = file_prompts(prompt_file, n_prompts) if prompt_file else story_prompts(n_prompts)
-    decode("ar", model, tok, prompts[:1], max_new_tokens=8)  # warm-up (first-call allocations)
+    counter = ForwardCounter(model)
+    specs = modes(threshold, block_size)
+    # Warm-up: first-call allocations, and the cost model's measurement at every batch size (cached after).
+    t = time.perf_counter()
+    for bs in BATCH_SIZES:
+        decode(DecodingSpec("lossless"), model, tok, prompts[:bs], max_new_tokens=4, batch_size=bs)
+    cost = CostModel.for_model(model)
+    for b in (1, 2, 4, 8):
+        cost.table(b)
+    warmup_s = time.perf_counter() - t
 
     runs: dict[tuple[str, int], list[float]] = {}  # wall seconds
     cpu: dict[tuple[str, int], list[float]] = {}  # CPU seconds of this process: less sensitive to other load
     outputs: dict[tuple[str, int], list] = {}
+    hf_forwards: dict[tuple[str, int], int] = {}
 
     def timed(key, fn):
+        n0 = counter.n
         t, c = time.perf_counter(), time.process_time()
         outputs[key] = fn()
         runs.setdefault(key, []).append(time.perf_counter() - t)
         cpu.setdefault(key, []).append(time.process_time() - c)
+        hf_forwards[key] = counter.n - n0
 
+    peers = [("hf-generate", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS})]
     for _ in range(repeats):  # interleave modes so that background load hits all of them alike
         for bs in BATCH_SIZES:
-            for label, mode, kw in modes(block_size):
-                timed((label, bs), lambda: decode(mode, model, tok, prompts, max_new_tokens=max_new_tokens,
-                                                  batch_size=bs, stop_strings=stop, **kw))
-            timed(("hf-generate", bs), lambda: hf_generate(model, tok, prompts, bs, max_new_tokens, stop))
+            for label, spec in specs:
+                timed((label, bs), lambda: decode(spec, model, tok, prompts, max_new_tokens=max_new_tokens,
+                                                  batch_size=bs, stop_strings=stop))
+            for label, kw in peers:
+                if kw and bs > 1:
+                    continue  # transformers' prompt lookup is batch-1 only
+                timed((label, bs), lambda: hf_generate(model, tok, prompts, bs, max_new_tokens, stop, **kw))
 
     rows = []
     for bs in BATCH_SIZES:
         ar_ids = [r.token_ids for r in outputs["ar", bs]]
         ar_tps = sum(map(len, ar_ids)) / statistics.median(runs["ar", bs])
         ar_cpu_tps = sum(map(len, ar_ids)) / statistics.median(cpu["ar", bs])
-        for label in [m[0] for m in modes(block_size)] + ["hf-generate"]:
+        for label in [m[0] for m in specs] + [p[0] for p in peers]:
+            if (label, bs) not in outputs:
+                continue
             res = outputs[label, bs]
-            ids = res if label == "hf-generate" else [r.token_ids for r in res]
+            hf = label.startswith("hf-")
+            ids = res if hf else [r.token_ids for r in res]
             tokens = sum(map(len, ids))
             seconds, cpu_seconds = statistics.median(runs[label, bs]), statistics.median(cpu[label, bs])
-            forwards = None if label == "hf-generate" else sum(r.forwards for r in res)
-            rows.append({
+            # HF forwards are batched forwards; ours are summed over prompts (one per active prompt).
+            forwards = hf_forwards[label, bs] * bs if hf else sum(r.forwards for r in res)
+            row = {
                 "mode": label, "batch": bs, "tokens": tokens, "forwards": forwards,
                 "tokens_per_forward": tokens / forwards if forwards else None,
                 "seconds": seconds, "tokens_per_second": tokens / seconds,
                 "speedup_vs_ar": tokens / seconds / ar_tps,
                 "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds,
                 "cpu_speedup_vs_ar": tokens / cpu_seconds / ar_cpu_tps,
-                "agreement_with_ar": agreement(ar_ids, ids),
-            })
-    limit = getattr(model.config, "max_position_embeddings", 4096) - max(QUERY_LENGTHS)
-    prefixes = [p for p in (64, 256) if p <= limit] or [limit // 2]
-    costs = [row for bs in BATCH_SIZES for prefix in prefixes for row in forward_cost(model, prefix, bs, 200)]
+                "same_tokens_as_ar": same_tokens(ar_ids, ids),
+            }
+            if not hf and res[0].lookahead.get("policy") not in (None, "none"):
+                fw = sum(r.forwards for r in res)
+                row["masks_per_forward"] = sum(r.lookahead["masks"] for r in res) / fw
+                row["drafts_per_forward"] = sum(r.lookahead["drafts"] for r in res) / fw
+                row["draft_acceptance"] = (sum(r.lookahead["drafts_accepted"] for r in res) /
+                                           max(1, sum(r.lookahead["drafts"] for r in res)))
+                if "break_even_1" in res[0].lookahead:
+                    row["break_even_1"] = res[0].lookahead["break_even_1"]
+                    row["break_even_K"] = res[0].lookahead["cost"]["break_even"]
+                row["prior"] = res[0].lookahead.get("prior")
+            rows.append(row)
+    costs = []
+    for b in BATCH_SIZES:
+        for q in QUERY_LENGTHS:
+            costs.append({"batch": b, "query_tokens": q, "ms": 1000 * cost(b, q), "cost_vs_1": cost(b, q) / cost(b, 1)})
 
     source = prompt_file or "TinyStories"
     settings = {"model": str(model_path or "stories260K (converted)"), "prompts": len(prompts), "prompt_source": source,
-                "stop_strings": list(stop),
-                "max_new_tokens": max_new_tokens, "block_size": block_size, "repeats": repeats,
+                "stop_strings": list(stop), "max_new_tokens": max_new_tokens, "block_size": block_size,
+                "threshold": threshold, "repeats": repeats, "warmup_and_cost_measurement_s": warmup_s,
+                "cost_measured_s": cost.measured_seconds, "cost_key": cost.key,
                 "params": sum(p.numel() for p in model.parameters()), **environment()}
     md = "\n\n".join([
         f"## Decoding: {settings['model']}, {len(prompts)} prompts ({source}), {max_new_tokens} new tokens, "
-        f"block size {block_size}, {settings['threads']} thread(s), median of {repeats}",
-        markdown_table(rows, [("mode", "mode"), ("batch", "batch"), ("tokens", "tokens"), ("forwards", "forwards"),
-                              ("tokens_per_forward", "tokens/forward"), ("tokens_per_second", "tokens/s"),
-                              ("speedup_vs_ar", "speedup vs AR"), ("tokens_per_cpu_second", "tokens/CPU-s"),
-                              ("cpu_speedup_vs_ar", "CPU speedup vs AR"), ("agreement_with_ar", "agreement with AR")]),
-        "`forwards` is summed over prompts (a batched forward counts once per active prompt); "
-        "`hf-generate` is `transformers` greedy `generate` on the same prompts. tokens/s is wall time; "
-        "tokens/CPU-s divides by this process's CPU time, which other jobs on a shared machine disturb less.",
-        "## Cost of one forward vs query tokens (cached prefix; median of 200)",
-        markdown_table(costs, [("batch", "batch"), ("prefix", "cached prefix"), ("query_tokens", "query tokens"),
-                               ("ms", "ms / forward"), ("cost_vs_1", "cost vs 1 token"), ("cpu_ms", "CPU ms"),
-                               ("cpu_cost_vs_1", "CPU cost vs 1 token")]),
-        "A parallel step over q query tokens (1 pending + K masks, K = q - 1) wins in wall time only when it "
-        "commits more than `cost vs 1 token` tokens on average.",
+        f"K = {block_size}, {settings['threads']} thread(s), median of {repeats} interleaved repeats",
+        markdown_table(rows, [("mode", "mode"), ("batch", "batch"), ("tokens_per_forward", "tokens/forward"),
+                              ("tokens_per_second", "tokens/s"), ("speedup_vs_ar", "speedup vs AR"),
+                              ("cpu_speedup_vs_ar", "CPU speedup vs AR"), ("same_tokens_as_ar", "same tokens as AR"),
+                              ("masks_per_forward", "masks/forward"), ("drafts_per_forward", "drafts/forward"),
+                              ("draft_acceptance", "drafts accepted"), ("break_even_1", "break-even k=1"),
+                              ("break_even_K", f"break-even k={block_size}")]),
+        "`forwards` is summed over prompts (a batched forward counts once per active prompt). `hf-generate` is "
+        "`transformers` greedy `generate`, `hf-prompt-lookup` its prompt-lookup decoding "
+        f"(`prompt_lookup_num_tokens={PROMPT_LOOKUP_TOKENS}`, batch 1 only). Break-even: tokens a forward "
+        "with 1 (or K) extra query tokens must commit to match AR, c(B, 1 + k) / c(B, 1).",
+        "## Cost model c(B, q) (ms per forward over a cached prefix, measured once and cached)",
+        markdown_table(costs, [("batch", "batch"), ("query_tokens", "query tokens"), ("ms", "ms / forward"),
+                               ("cost_vs_1", "cost vs 1 token")]),
     ])
     return {"settings": settings, "results": rows, "forward_cost": costs}, md
 
@@ -195,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
-    p.add_argument("--block-size", type=int, default=None, help="masks per forward (default: checkpoint's)")
+    p.add_argument("--block-size", type=int, default=None, help="K for the fixed runs and the auto cap "
+                   "(default: checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--prompt-file", help="JSONL with a 'prompt' field (default: TinyStories sentences)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; the demo's is a newline)")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import environment, markdown_table, write_results
-from benchmarks.decode import agreement
+from benchmarks.decode import same_tokens
 from benchmarks.real_run import RECIPE, final_losses, heldout_prompts, prepare
 from card.adapt import adapt
 from card.checkpoint import load_checkpoint
@@ -48,7 +48,7 @@ def decode_stats(path: Path, prompts: list[str], max_new_tokens: int) -> dict:
     stats = {}
     for label, res in outputs.items():
         tokens, forwards = sum(r.new_tokens for r in res), sum(r.forwards for r in res)
-        stats[label] = {"tokens_per_forward": tokens / forwards, "agreement": agreement(ar, [r.token_ids for r in res])}
+        stats[label] = {"tokens_per_forward": tokens / forwards, "agreement": same_tokens(ar, [r.token_ids for r in res])}
     return stats
 
 

@@ -91,9 +91,12 @@ STEP_STYLES = ("bold cyan", "bold magenta")  # alternate per forward: tokens of 
 def generate_command(
     ckpt: str = typer.Argument(..., help="checkpoint directory (CARD, or plain AR for --decoding ar)"),
     prompt: str = typer.Argument(..., help="prompt text"),
-    decoding: str = typer.Option("ar", help="ar|parallel|lossless"),
+    decoding: str = typer.Option("ar", help="ar|parallel|lossless, or parallel@T"),
     threshold: Optional[float] = typer.Option(None, help="parallel: confidence threshold (default: checkpoint's)"),
-    block_size: Optional[int] = typer.Option(None, help="parallel/lossless: masks per forward (default: checkpoint's)"),
+    block_size: str = typer.Option("auto", help="parallel/lossless: 'auto' (masks per forward chosen from the "
+                                   "measured cost, up to the checkpoint's K) or a fixed K"),
+    drafts: Optional[str] = typer.Option(None, help="lossless: mask|ngram|mask+ngram (default: mask+ngram with "
+                                         "auto, mask with a fixed K)"),
     max_new_tokens: int = typer.Option(128, help="generate at most this many tokens"),
     temperature: float = typer.Option(0.0, help="0 = greedy (ar, parallel)"),
     top_p: float = typer.Option(1.0, help="nucleus sampling mass (with --temperature > 0)"),
@@ -105,17 +108,14 @@ def generate_command(
     import json
 
     from card.checkpoint import check_checkpoint_path, load_checkpoint
-    from card.eval.decoding import check_settings, generate
+    from card.eval.decoding import DecodingSpec, check_max_new_tokens, generate
 
-    check_settings(decoding, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   threshold=threshold, block_size=block_size)
-    check_checkpoint_path(ckpt, require_card=decoding != "ar")
+    check_max_new_tokens(max_new_tokens)
+    spec = DecodingSpec.parse(decoding, threshold=threshold, block_size=block_size, drafts=drafts,
+                              temperature=temperature if temperature else None, top_p=top_p, seed=seed)
+    meta = check_checkpoint_path(ckpt, require_card=spec.mode != "ar")
+    spec = spec.resolve(meta)
     ck = load_checkpoint(ckpt, dtype=dtype)
-    settings = dict(max_new_tokens=max_new_tokens)
-    if decoding != "lossless":
-        settings.update(temperature=temperature, top_p=top_p, seed=seed)
-    if decoding != "ar":
-        settings.update(block_size=block_size, threshold=threshold)
     out = Console(highlight=False, soft_wrap=True)
     on_step = None
     if not json_output:
@@ -135,18 +135,26 @@ def generate_command(
                 shown[0] = text
             forwards[0] += 1
 
-    r = generate(ck, [prompt], mode=decoding, on_step=on_step, **settings)[0]
+    r = generate(ck, [prompt], spec, max_new_tokens=max_new_tokens, on_step=on_step)[0]
     if json_output:
         keys = ("text", "token_ids", "new_tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second",
-                "finish_reason", "settings", "prompt_ids", "steps")
+                "finish_reason", "settings", "prompt_ids", "steps", "lookahead")
         d = r.to_dict()
         typer.echo(json.dumps({"prompt": prompt, **{k: d[k] for k in keys}}))
         return
     if forwards[0] == 0:
         out.print(prompt, end="")
     out.print()
+    look = r.lookahead
+    if "cost" in look:
+        c = look["cost"]
+        out.print(f"[dim]lookahead {look['policy']}: {look['masks_per_forward']:.2f} masks and "
+                  f"{look['drafts'] / max(1, r.forwards):.2f} drafts per forward (up to K={look['max']}, prior: "
+                  f"{look['prior']}); break-even: {look['break_even_1']:.2f} tokens/forward for 1 extra token, "
+                  f"{c['break_even']:.2f} for {c['break_even_k']} (c(1, q) measured on {c['device']}, "
+                  f"{c['threads']} thread(s))[/]")
     out.print(f"[dim]{r.new_tokens} tokens in {r.forwards} forwards ({r.tokens_per_forward:.2f} tokens/forward), "
-              f"{r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s, {decoding}, finish: {r.finish_reason}[/]")
+              f"{r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s, {spec.text}, finish: {r.finish_reason}[/]")
 
 
 app.command("generate")(user_errors(generate_command))
@@ -190,7 +198,8 @@ def eval_command(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),
     batch_size: int = typer.Option(8, help="requests per batch (likelihoods and generation)"),
     seed: int = typer.Option(1234, help="seed for Python, numpy, torch, few-shot sampling and sampled decoding"),
-    block_size: Optional[int] = typer.Option(None, help="parallel/lossless: masks per forward (default: checkpoint's)"),
+    block_size: str = typer.Option("auto", help="parallel/lossless: 'auto' (masks per forward chosen from the measured "
+                                   "cost, up to the checkpoint's K) or a fixed K"),
     out: Optional[str] = typer.Option(None, help="write results.json, report.md, report.html, samples.jsonl here"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),

@@ -6,7 +6,7 @@ metadata survives ``AutoModelForCausalLM.from_pretrained`` / ``save_pretrained``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -46,7 +46,9 @@ class CardMetadata:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CardMetadata":
-        d = dict(d)
+        # Unknown keys (written by newer tools, e.g. a slot profile) are skipped: readers take what they know.
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         d["objective"] = ObjectiveDefaults(**d.get("objective", {}))
         d["decoding"] = DecodingDefaults(**d.get("decoding", {}))
         return cls(**d)

@@ -32,6 +32,15 @@ TINY_THRESHOLD = 0.05  # on the unadapted tiny models this accepts 1 to 5 tokens
 
 
 
+@pytest.fixture(autouse=True, scope="module")
+def cost_cache(tmp_path_factory):
+    """A private cost-model cache (automatic lookahead measures c(B, q)): tests do not write the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CARD_CACHE_DIR", str(tmp_path_factory.mktemp("card-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def card_ckpt(tiny_ckpt, tmp_path_factory):
     """Factory: ``card_ckpt(arch, seed)`` -> path of the converted tiny checkpoint, converted once per session."""
@@ -214,7 +223,8 @@ def test_parallel_equals_a_no_cache_reference(arch, rule, loaded, stories):
 def test_parallel_accepts_more_at_lower_thresholds(stories):
     tpf = []
     for threshold in (0.95, 0.5, 0.1):
-        r = decode_parallel(stories.model, stories.tokenizer, STORY_PROMPTS, max_new_tokens=48, threshold=threshold)
+        r = decode_parallel(stories.model, stories.tokenizer, STORY_PROMPTS, max_new_tokens=48, threshold=threshold,
+                            block_size=8)
         tpf.append(sum(x.new_tokens for x in r) / sum(x.forwards for x in r))
         assert all(x.new_tokens == 48 and x.forwards <= 48 for x in r)
     assert 1.0 <= tpf[0] <= tpf[1] <= tpf[2] and tpf[2] > 2
@@ -303,10 +313,10 @@ def test_batch_equals_one_by_one(arch, mode, kw, loaded, stories):
     assert batched[0].settings["batch_size"] == 3 and batched[3].settings["batch_size"] == 1
 
 
-@pytest.mark.parametrize("mode,kw", [("parallel", dict(threshold=0.2)), ("lossless", dict(block_size=4))])
+@pytest.mark.parametrize("mode,kw", [("parallel", dict(threshold=0.2, block_size=8)), ("lossless", dict(block_size=4))])
 def test_batch_with_cache_compaction_at_every_step_equals_one_by_one(mode, kw, stories, monkeypatch):
     """Squeezing the masked slots out of the batched cache after every forward changes no output."""
-    import card.eval.decoding as decoding
+    import card.eval.decoding.engine as decoding
 
     monkeypatch.setattr(decoding, "COMPACT_MIN_WASTE", 0)
     monkeypatch.setattr(decoding, "COMPACT_WASTE_RATIO", 0.0)

@@ -46,7 +46,7 @@ def test_round_trip_through_results_json(tmp_path):
     assert load_results(tmp_path) == r
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["runs"][1]["same_output_as_ar"] == 0.75 and "merged_from" not in on_disk
-    assert list(on_disk["runs"][0]) == ["label", "model", "mode", "threshold", "block_size", "scores", "scores_from",
+    assert list(on_disk["runs"][0]) == ["label", "model", "mode", "threshold", "block_size", "decoding", "scores", "scores_from",
                                         "decode", "same_output_as_ar", "seconds"]
 
 

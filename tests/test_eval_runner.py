@@ -203,5 +203,5 @@ def test_lm_eval_passthrough_runs_the_card_model(stories_card, tmp_path):
     (result_file,) = out.rglob("results_*.json")
     res = json.loads(result_file.read_text())
     assert res["config"]["model"] == "card"
-    assert res["config"]["card"] == {"decoding": "parallel", "threshold": 0.7, "block_size": 8}
+    assert res["config"]["card"] == {"decoding": "parallel", "threshold": 0.7, "block_size": 8, "lookahead": "auto"}
     assert res["n-samples"]["card_gsm8k"]["effective"] == 2

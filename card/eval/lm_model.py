@@ -16,8 +16,10 @@
   returns what the ``hf`` backend returns. Every request's decode statistics go to ``decode_log``.
 
 Model arguments (``--model_args`` / constructor): ``pretrained`` (path, or a loaded ``PreTrainedModel`` with
-``tokenizer``), ``decoding=ar|parallel|lossless``, ``threshold`` and ``block_size`` (None: the checkpoint's
-CARD defaults), ``seed`` (sampling), plus HFLM's usual ``batch_size``, ``dtype``, ``device``, ``max_length``.
+``tokenizer``), ``decoding`` (``ar``, ``parallel``, ``parallel@T``, ``lossless``, or a ``DecodingSpec``),
+``threshold`` (None: the checkpoint's), ``block_size`` (``auto``, the default: masks per forward chosen from
+the measured cost, up to the checkpoint's K; or a fixed K), ``drafts`` (lossless draft sources), ``seed``
+(sampling), plus HFLM's usual ``batch_size``, ``dtype``, ``device``, ``max_length``.
 Parallel and lossless decoding need a CARD checkpoint; a plain checkpoint is allowed in ``ar`` mode.
 
 lm-eval 0.4.13 has no plug-in hook (its model registry is filled by imports only), so ``lm_eval --model card``
@@ -41,7 +43,7 @@ from tqdm import tqdm
 
 from card.checkpoint import check_checkpoint_path
 from card.errors import CardError
-from card.eval.decoding import check_settings, decode
+from card.eval.decoding import DecodingSpec, decode_spec
 from card.metadata import read_metadata
 
 logger = logging.getLogger(__name__)
@@ -67,20 +69,22 @@ class CardLM(HFLM):
         self,
         pretrained: str | tf.PreTrainedModel,
         tokenizer: str | tf.PreTrainedTokenizerBase | None = None,
-        decoding: str = "ar",
+        decoding: str | DecodingSpec = "ar",
         threshold: float | None = None,
-        block_size: int | None = None,
+        block_size: int | str | None = None,
+        drafts: str | None = None,
         seed: int = 0,
         device: str | None = None,
         dtype: str | torch.dtype | None = "auto",
         batch_size: int | str = 1,
         **kwargs: Any,
     ) -> None:
-        if threshold is not None and decoding != "parallel":
-            raise CardError(f"threshold applies to parallel decoding only, not {decoding!r}")
-        if block_size is not None and decoding == "ar":
-            raise CardError("block_size applies to parallel and lossless decoding only, not 'ar'")
-        check_settings(decoding, threshold=threshold, block_size=block_size)
+        spec = DecodingSpec.parse(decoding, threshold=threshold, drafts=drafts)
+        if block_size is not None:
+            if spec.mode == "ar":
+                raise CardError("block_size applies to parallel and lossless decoding only, not 'ar'")
+            spec = spec.with_(block_size=block_size)
+        decoding = spec.mode
         if kwargs.pop("backend", "causal") != "causal":
             raise CardError("the card model is decoder-only (backend=causal)")
         if isinstance(pretrained, str):
@@ -98,12 +102,9 @@ class CardLM(HFLM):
         self.decoding = decoding
         self.meta = meta
         self.seed = int(seed)
-        self.threshold = None
-        self.block_size = None
-        if decoding == "parallel":
-            self.threshold = float(meta.decoding.threshold if threshold is None else threshold)
-        if decoding != "ar":
-            self.block_size = int(meta.decoding.block_size if block_size is None else block_size)
+        self.spec = spec.resolve(meta)
+        self.threshold = self.spec.threshold
+        self.block_size = self.spec.block_size
         self.decode_log: list[dict[str, Any]] = []  # one entry per generate_until request, in completion order
         self._batches = 0
 
@@ -154,13 +155,8 @@ class CardLM(HFLM):
     # ------------------------------------------------------------------------------------ settings
     @property
     def decoding_settings(self) -> dict[str, Any]:
-        """Mode, threshold and block size as used (defaults resolved from the checkpoint)."""
-        s: dict[str, Any] = {"decoding": self.decoding}
-        if self.threshold is not None:
-            s["threshold"] = self.threshold
-        if self.block_size is not None:
-            s["block_size"] = self.block_size
-        return s
+        """Mode, threshold, block size and lookahead as used (defaults resolved from the checkpoint)."""
+        return self.spec.lm_eval_settings()
 
     def pop_decode_log(self) -> list[dict[str, Any]]:
         """Return the decode statistics recorded so far and start a new log."""
@@ -173,23 +169,18 @@ class CardLM(HFLM):
                 "model_dtype": str(self.model.dtype), "model_revision": None, "model_sha": "",
                 "card": self.decoding_settings}
 
-    def _decode_settings(self, gen_kwargs: dict[str, Any], task: str) -> dict[str, Any]:
-        """Decoder keyword arguments for one group of requests (after ``normalize_gen_kwargs``)."""
+    def _decode_spec(self, gen_kwargs: dict[str, Any], task: str) -> DecodingSpec:
+        """The decoding spec for one group of requests (after ``normalize_gen_kwargs``): sampling from the task."""
         ignored = sorted(set(gen_kwargs) - {"do_sample", "temperature", "top_p"})
         if ignored:
             logger.warning("task %s: the card model ignores generation settings %s", task, ", ".join(ignored))
         sample = bool(gen_kwargs.get("do_sample")) and float(gen_kwargs.get("temperature") or 0.0) > 0
-        settings: dict[str, Any] = {}
-        if sample:
-            if self.decoding == "lossless":
-                raise CardError(f"lossless decoding is greedy only, but task {task} samples (do_sample, temperature)")
-            settings.update(temperature=float(gen_kwargs["temperature"]),
-                            top_p=float(gen_kwargs.get("top_p") or 1.0), seed=self.seed)
-        if self.decoding != "ar":
-            settings.update(block_size=self.block_size, mask_id=self.meta.mask_token_id)
-        if self.decoding == "parallel":
-            settings["threshold"] = self.threshold
-        return settings
+        if not sample:
+            return self.spec
+        if self.decoding == "lossless":
+            raise CardError(f"lossless decoding is greedy only, but task {task} samples (do_sample, temperature)")
+        return self.spec.with_(temperature=float(gen_kwargs["temperature"]),
+                               top_p=float(gen_kwargs.get("top_p") or 1.0), seed=self.seed)
 
     @property
     def _decode_batch_size(self) -> int:
@@ -213,7 +204,7 @@ class CardLM(HFLM):
             if self.max_length - max_gen_toks <= 0:
                 raise CardError(f"task {task}: max_gen_toks {max_gen_toks} leaves no room for a prompt in the "
                                 f"model's {self.max_length} positions")
-            settings = self._decode_settings(kwargs, task)
+            spec = self._decode_spec(kwargs, task)
             prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen_toks)
                        for i in indices}
             # Longest first (as HFLM does): batches hold prompts of similar length.
@@ -222,8 +213,9 @@ class CardLM(HFLM):
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
                 t0 = time.perf_counter()
-                outs = decode(self.decoding, self.model, self.tokenizer, [prompts[i] for i in chunk],
-                              max_new_tokens=max_gen_toks, stop_strings=until, batch_size=len(chunk), **settings)
+                outs = decode_spec(self.model, self.tokenizer, [prompts[i] for i in chunk], spec,
+                                   max_new_tokens=max_gen_toks, stop_strings=until, batch_size=len(chunk),
+                                   mask_id=self.meta.mask_token_id if self.meta is not None else None)
                 wall = time.perf_counter() - t0
                 for i, out in zip(chunk, outs, strict=True):
                     text = postprocess_generated_text(out.text, until, None)
@@ -233,6 +225,8 @@ class CardLM(HFLM):
                         "new_tokens": out.new_tokens, "forwards": out.forwards,
                         "tokens_per_forward": out.tokens_per_forward, "seconds": out.seconds,
                         "finish_reason": out.finish_reason, "batch": self._batches, "batch_seconds": wall,
+                        "masks": out.lookahead.get("masks", 0), "drafts": out.lookahead.get("drafts", 0),
+                        "break_even_1": out.lookahead.get("break_even_1"),
                     })
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 self._batches += 1

@@ -49,7 +49,8 @@ class Run:
     model: str  # "card" | "baseline"
     mode: str  # "ar" | "parallel" | "lossless"
     threshold: float | None = None
-    block_size: int | None = None
+    block_size: int | str | None = None  # a fixed K, or "auto"
+    decoding: dict[str, Any] = field(default_factory=dict)  # the resolved decoding spec's settings
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> lm-eval's "metric,filter" -> value
     scores_from: dict[str, str] = field(default_factory=dict)  # task -> label of the run whose score is reused
     decode: RunDecode = field(default_factory=RunDecode)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from card.checkpoint import check_checkpoint_path, resolve_dtype
 from card.errors import CardError
-from card.eval.decoding import MODES, check_settings
+from card.eval.decoding import DecodingSpec, parse_block_size, parse_modes
 from card.eval.results import DecodeTotals, ModelRecord, Results, Run, RunDecode
 
 BUNDLED_TASKS = Path(__file__).resolve().parent / "tasks"
@@ -46,63 +46,45 @@ PACKAGES = ("card-toolkit", "torch", "transformers", "lm_eval", "datasets", "dee
 
 
 # ------------------------------------------------------------------------------------------ modes
-@dataclass(frozen=True)
-class ModeSpec:
-    """One ``--modes`` entry: ``ar``, ``lossless``, ``parallel`` or ``parallel@T``."""
-
-    mode: str
-    threshold: float | None = None  # parallel only; None: the checkpoint's default
-
-
-def parse_modes(modes: str | Sequence[str]) -> list[ModeSpec]:
-    """Parse ``"ar,parallel@0.9,lossless"`` (or a list of such strings); ``CardError`` on a bad entry."""
-    items = modes.split(",") if isinstance(modes, str) else [m for s in modes for m in str(s).split(",")]
-    specs = []
-    for item in (s.strip() for s in items):
-        if not item:
-            continue
-        name, at, value = item.partition("@")
-        if name not in MODES or (at and name != "parallel"):
-            raise CardError(f"unknown mode {item!r}; use ar, lossless, parallel or parallel@T with T in (0, 1]")
-        threshold = None
-        if at:
-            try:
-                threshold = float(value)
-            except ValueError:
-                raise CardError(f"unknown mode {item!r}: {value!r} is not a threshold (use e.g. parallel@0.7)") from None
-            check_settings("parallel", threshold=threshold)
-        specs.append(ModeSpec(name, threshold))
-    if not specs:
-        raise CardError("no decoding modes given; use e.g. --modes ar,parallel@0.9,lossless")
-    return specs
+# ``--modes`` entries are ``DecodingSpec``s (``card.eval.decoding.parse_modes``, re-exported here).
+ModeSpec = DecodingSpec
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run: a model in a decoding mode, with its settings resolved from the checkpoint's defaults."""
+    """One run: a model with its decoding spec, resolved from the checkpoint's defaults."""
 
     label: str
     model: str  # "card" | "baseline"
-    mode: str
-    threshold: float | None
-    block_size: int | None
+    spec: DecodingSpec
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def threshold(self) -> float | None:
+        return self.spec.threshold
+
+    @property
+    def block_size(self) -> int | None:
+        return self.spec.block_size
 
 
-def plan_runs(specs: list[ModeSpec], meta, block_size: int | None) -> list[RunPlan]:
-    """The CARD model's runs: ``ar`` first when it was not asked for, duplicates dropped, labels resolved."""
+def plan_runs(specs: list[DecodingSpec], meta, block_size: int | str | None) -> list[RunPlan]:
+    """The CARD model's runs: ``ar`` first when it was not asked for, duplicates dropped, labels resolved.
+
+    ``block_size`` (None or ``"auto"``: automatic lookahead up to the checkpoint's K; an integer: fixed K)
+    applies to every parallel and lossless spec; a fixed K is named in the labels (``lossless K=4``).
+    """
     if not any(s.mode == "ar" for s in specs):
-        specs = [ModeSpec("ar"), *specs]
-    block = meta.decoding.block_size if block_size is None else block_size
-    suffix = "" if block_size is None else f" K={block}"  # name the block size only when it was chosen
+        specs = [DecodingSpec("ar"), *specs]
+    k, lookahead = parse_block_size(block_size)
     plans: list[RunPlan] = []
     for s in specs:
-        if s.mode == "ar":
-            plan = RunPlan("ar", "card", "ar", None, None)
-        elif s.mode == "lossless":
-            plan = RunPlan(f"lossless{suffix}", "card", "lossless", None, block)
-        else:
-            t = meta.decoding.threshold if s.threshold is None else s.threshold
-            plan = RunPlan(f"parallel@{t:g}{suffix}", "card", "parallel", t, block)
+        if s.mode != "ar":
+            s = s.with_(block_size=k, lookahead=lookahead).resolve(meta)
+        plan = RunPlan(s.label(name_block_size=lookahead == "fixed"), "card", s)
         if plan not in plans:
             plans.append(plan)
     return plans
@@ -269,8 +251,7 @@ def _run_model(ck, plans: list[RunPlan], gen_tasks: list[str], other_tasks: list
         first = runs[0][0] if runs else None
         tasks = gen_tasks + (other_tasks if first is None else [])  # non-generative tasks: first mode only
         t0 = time.perf_counter()
-        lm = CardLM(ck.model, tokenizer=ck.tokenizer, decoding=plan.mode, threshold=plan.threshold,
-                    block_size=plan.block_size, seed=seed, batch_size=batch_size)
+        lm = CardLM(ck.model, tokenizer=ck.tokenizer, decoding=plan.spec, seed=seed, batch_size=batch_size)
         res = {}
         if tasks:
             res = _plain(lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, log_samples=True,
@@ -282,7 +263,7 @@ def _run_model(ck, plans: list[RunPlan], gen_tasks: list[str], other_tasks: list
         per_task = {t: DecodeTotals(**decode_totals([e for e in log if e["task"] == t]))
                     for t in sorted({e["task"] for e in log})}
         run = Run(label=plan.label, model=plan.model, mode=plan.mode, threshold=plan.threshold,
-                  block_size=plan.block_size, scores=scores, scores_from=scores_from,
+                  block_size=plan.block_size, decoding=plan.spec.settings(), scores=scores, scores_from=scores_from,
                   decode=RunDecode(**decode_totals(log), tasks=per_task), seconds=time.perf_counter() - t0)
         runs.append((run, _generation_samples(res, log)))
     return runs
@@ -312,7 +293,7 @@ def evaluate(
     num_fewshot: int | None = None,
     batch_size: int = 8,
     seed: int = 1234,
-    block_size: int | None = None,
+    block_size: int | str | None = None,
     out: str | os.PathLike | None = None,
     dtype: str = "auto",
     device: str = "cpu",
@@ -322,8 +303,8 @@ def evaluate(
     """Evaluate ``ckpt`` on ``tasks`` in every mode (and ``baseline`` in AR); return the results document.
 
     ``tasks`` and ``modes`` are comma-separated strings or lists. Modes: ``ar``, ``lossless``, ``parallel``
-    (the checkpoint's threshold) and ``parallel@T``; ``block_size`` applies to parallel and lossless (None:
-    the checkpoint's). ``seed`` seeds Python, numpy, torch, lm-eval's few-shot sampler and sampled decoding.
+    (the checkpoint's threshold) and ``parallel@T``; ``block_size`` applies to parallel and lossless (None or
+    ``"auto"``: masks per forward chosen from the measured cost, up to the checkpoint's K; an integer: fixed K). ``seed`` seeds Python, numpy, torch, lm-eval's few-shot sampler and sampled decoding.
     With ``out``, writes results.json, report.md, report.html and samples.jsonl there. ``command`` is the
     command line recorded in the settings. Raises ``CardError`` for bad input before any model is loaded.
     """
@@ -332,8 +313,7 @@ def evaluate(
     task_list = _as_list(tasks)
     if not task_list:
         raise CardError("no tasks given; use e.g. --tasks card_piqa,card_gsm8k")
-    if block_size is not None:
-        check_settings("parallel", block_size=block_size)
+    parse_block_size(block_size)
     _check_limit(limit)
     _check_int("num_fewshot", num_fewshot, 0)
     _check_int("batch size", batch_size, 1)
@@ -355,7 +335,7 @@ def evaluate(
     needs_card = any(s.mode != "ar" for s in specs)
     meta = check_checkpoint_path(ckpt, require_card=needs_card)
     if meta is None:  # a plain checkpoint can only be run in AR mode
-        plans = [RunPlan("ar", "card", "ar", None, None)]
+        plans = [RunPlan("ar", "card", DecodingSpec("ar"))]
     else:
         plans = plan_runs(specs, meta, block_size)
     if baseline is not None:
@@ -380,7 +360,7 @@ def evaluate(
     if baseline is not None:
         bck = load_checkpoint(baseline, dtype=dtype, device=device)
         base = model_record(bck)
-        runs = _run_model(bck, [RunPlan(BASELINE_LABEL, "baseline", "ar", None, None)], gen_tasks, other_tasks, tm,
+        runs = _run_model(bck, [RunPlan(BASELINE_LABEL, "baseline", DecodingSpec("ar"))], gen_tasks, other_tasks, tm,
                           lm_info, eval_kwargs, seed, batch_size) + runs
         del bck
     _compare_with_ar(runs)
@@ -390,7 +370,7 @@ def evaluate(
 
     samples = [{"run": r.label, **x} for r, found in runs for x in found.values()]
     settings = {
-        "tasks": task_list, "modes": [s.mode + ("" if s.threshold is None else f"@{s.threshold:g}") for s in specs],
+        "tasks": task_list, "modes": [s.text for s in specs],
         "runs": [r.label for r, _ in runs],
         "generation_tasks": gen_tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
         "block_size": block_size, "seeds": {"python": seed, "numpy": seed, "torch": seed, "fewshot": seed,

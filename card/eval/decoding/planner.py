@@ -1,0 +1,228 @@
+"""Cost-aware lookahead: how many masks (and drafts) each forward carries, from acceptance estimates and c(B, q).
+
+Notation: a_j is the probability that lookahead slot j (mask j, or draft j) is accepted given that slots
+1..j-1 were, and A(m) = sum_{j=1..m} prod_{i<=j} a_i is the expected number of accepted slots out of m.
+Every forward commits slot 1 (the exact AR token) plus the accepted slots.
+
+* parallel: a forward over the pending tokens (about 1 + A(m): what the previous forward committed) plus m
+  masks commits 1 + A(m) tokens, so the rate is  r(m) = (1 + A(m)) / c(B, 1 + A(m) + m).
+* lossless with mask drafts: a row either holds m drafts from the previous forward's masks (state D) or none
+  (state N, after a rejection). From D it verifies them (width 1 + 2m) and stays in D with probability
+  s = prod_{i<=m} a_i; from N (width 1 + m) it always moves to D. The stationary shares are
+  pi_D = 1 / (2 - s), pi_N = 1 - pi_D, a row commits pi_D (1 + A(m)) + pi_N tokens per forward, and a batch
+  of B rows is wide (1 + 2m) unless all rows are in N:  r(m) = B [pi_D (1 + A(m)) + pi_N] /
+  [(1 - pi_N^B) c(B, 1 + 2m) + pi_N^B c(B, 1 + m)].
+
+m = 0 is plain AR, r(0) = 1 / c(B, 1), so the chosen m = argmax r(m) is never predicted slower than AR; a
+lookahead must promise ``MARGIN`` (10%) more than AR, since c(B, q) times the model only and a lookahead
+forward costs the loop some Python time besides (drafts, verification, cache bookkeeping).
+
+Estimates start from a prior the checkpoint carries (``slot_prior``) and follow the observed acceptances
+(``SlotStats``: Beta-style pseudo-counts, exponentially forgotten so that they track the text). A slot that
+is never tried cannot be learnt, so ``Lookahead`` spends at most ``EXPLORE`` of the measured forward time
+on trying one slot more than the estimates ask for: a good model whose prior said "untrained" is discovered.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
+DECAY = 0.98  # per observation: about the last 50 observations count
+EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
+ADAPTED_PRIOR = 0.6  # an adapted checkpoint without a measured slot profile
+UNTRAINED_PRIOR = 0.02  # a converted, never adapted checkpoint: its masks predict almost nothing
+NGRAM_PRIOR = 0.5
+MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
+REPLAN = 4  # observations between two re-plannings (the estimates move slowly; planning costs Python time)
+
+
+# ------------------------------------------------------------------------------------------ math
+def accepted_curve(rates: Sequence[float]) -> list[float]:
+    """A(m) for m = 0..len(rates): A(m) = sum_{j=1..m} prod_{i<=j} a_i (expected accepted slots of m)."""
+    out, run, total = [0.0], 1.0, 0.0
+    for a in rates:
+        run *= a
+        total += run
+        out.append(total)
+    return out
+
+
+def parallel_rate(curve: Sequence[float], m: int, cost: Callable[[float], float]) -> float:
+    """Committed tokens per second with m masks: r(m) = (1 + A(m)) / c(1 + A(m) + m), c = c(B, .)."""
+    tokens = 1.0 + curve[m]
+    return tokens / cost(tokens + m)
+
+
+def lossless_rate(rates: Sequence[float], m: int, batch: int, cost: Callable[[float], float]) -> float:
+    """Tokens per second of a batch of ``batch`` rows drafting from m masks (the stationary two-state model)."""
+    if m == 0:
+        return batch / cost(1)
+    s = 1.0
+    for a in rates[:m]:
+        s *= a
+    curve = accepted_curve(rates[:m])
+    pi_d = 1.0 / (2.0 - s)
+    pi_n = 1.0 - pi_d
+    narrow = pi_n ** batch
+    tokens = batch * (pi_d * (1.0 + curve[m]) + pi_n)
+    return tokens / ((1.0 - narrow) * cost(1 + 2 * m) + narrow * cost(1 + m))
+
+
+def best_lookahead(rate: Callable[[int], float], k_max: int, margin: float = MARGIN) -> int:
+    """argmax_{0 <= m <= k_max} rate(m), where m > 0 must beat AR's rate(0) by ``margin``; fewest masks on ties."""
+    base = rate(0)
+    best, best_rate = 0, base * margin
+    for m in range(1, k_max + 1):
+        r = rate(m)
+        if r > best_rate * (1 + 1e-9):
+            best, best_rate = m, r
+    return best
+
+
+# ------------------------------------------------------------------------------------------ estimates
+class SlotStats:
+    """Running estimates of a_1..a_K: (successes + n0 * prior) / (tries + n0), forgotten by ``DECAY``."""
+
+    def __init__(self, prior: Sequence[float], strength: float = PRIOR_STRENGTH, decay: float = DECAY) -> None:
+        self.prior = [min(max(float(p), 0.0), 1.0) for p in prior]
+        self.strength = strength
+        self.decay = decay
+        self.succ = [0.0] * len(self.prior)
+        self.tries = [0.0] * len(self.prior)
+        self.version = 0  # bumped on every observation (callers cache derived curves on it)
+        self.pending_decay = 0
+
+    def rates(self) -> list[float]:
+        n0 = self.strength
+        return [(s + n0 * p) / (t + n0) for s, t, p in zip(self.succ, self.tries, self.prior)]
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """One verification: slots 1..proposed were offered, the first ``accepted`` of them were accepted."""
+        if proposed <= 0:
+            return
+        for j in range(min(accepted + 1, proposed, len(self.tries))):
+            self.tries[j] += 1.0
+            if j < accepted:
+                self.succ[j] += 1.0
+        self.pending_decay += 1
+        self.version += 1
+
+    def forget(self) -> None:
+        """Apply the forgetting of the observations since the last call (once per forward: cheaper)."""
+        if self.pending_decay:
+            f = self.decay ** self.pending_decay
+            self.succ = [x * f for x in self.succ]
+            self.tries = [x * f for x in self.tries]
+            self.pending_decay = 0
+
+
+def profile_prior(profile: dict, k: int) -> list[float] | None:
+    """a_1..a_k from a ``slot_profile``: a_j ~ accuracy(slot j+1) / accuracy(slot j), count-weighted over buckets.
+
+    Slot 1 is the AR token, slot j+1 mask j; missing or malformed fields give None (the caller falls back).
+    """
+    try:
+        acc = profile["accuracy"]
+        counts = profile.get("count")
+        means = []
+        for s, row in enumerate(acc):
+            row = list(row) if isinstance(row, (list, tuple)) else [row]
+            w = list(counts[s]) if counts is not None and len(counts) > s else [1.0] * len(row)
+            pairs = [(float(a), float(c)) for a, c in zip(row, w) if a is not None and c]
+            if not pairs:
+                return None
+            means.append(sum(a * c for a, c in pairs) / sum(c for _, c in pairs))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if len(means) < 2:
+        return None
+    rates = [min(1.0, means[j + 1] / means[j]) if means[j] > 0 else 0.0 for j in range(len(means) - 1)]
+    rates += [rates[-1] * 0.9 ** (i + 1) for i in range(max(0, k - len(rates)))]  # deeper than profiled
+    return rates[:k]
+
+
+def slot_prior(card_config: dict | None, k: int) -> tuple[list[float], str]:
+    """The prior a_1..a_k for mask slots and where it came from (``profile``, ``adapted`` or ``untrained``)."""
+    raw = card_config or {}
+    profile = raw.get("slot_profile") if isinstance(raw, dict) else None
+    if isinstance(profile, dict):
+        rates = profile_prior(profile, k)
+        if rates is not None:
+            return rates, "profile"
+    if raw.get("adaptation"):
+        return [ADAPTED_PRIOR] * k, "adapted"
+    return [UNTRAINED_PRIOR] * k, "untrained"
+
+
+def card_config(model) -> dict:
+    """The raw ``card`` block of a model's config (read tolerantly: unknown keys are fine)."""
+    raw = getattr(model.config, "card", None)
+    return raw if isinstance(raw, dict) else {}
+
+
+_WARNED: set = set()
+
+
+def warn_untrained(model, mode: str) -> None:
+    """One stderr line, once per checkpoint: parallel decoding on masks that were never trained."""
+    raw = card_config(model)
+    if mode != "parallel" or not raw or raw.get("adaptation"):
+        return
+    key = (raw.get("source", {}) or {}).get("sha256") or id(model)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    print("warning: this checkpoint was converted but never adapted (no adaptation record): its masks are "
+          "untrained, so parallel decoding may leave the AR text; lossless stays exact", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ the choice
+class Lookahead:
+    """Masks per forward for one batch: fixed K, or argmax of the rate with bounded exploration."""
+
+    def __init__(self, mode: str, k_max: int, auto: bool, cost, stats: SlotStats | None,
+                 explore: float = EXPLORE) -> None:
+        self.mode, self.k_max, self.auto, self.cost, self.stats = mode, k_max, auto, cost, stats
+        self.explore = explore
+        self.budget = 0.0
+        self._cached: tuple | None = None
+        self.exploring = False
+
+    def best(self, batch: int) -> int:
+        """argmax_m r(m) for the current estimates (cached until they or the batch change)."""
+        c = self._cached
+        if c is not None and c[0] == batch and self.stats.version - c[1] < REPLAN:
+            return c[2]
+        rates = self.stats.rates()
+        cost = lambda q: self.cost(batch, q)  # noqa: E731
+        if self.mode == "parallel":
+            curve = accepted_curve(rates)
+            m = best_lookahead(lambda m: parallel_rate(curve, m, cost), self.k_max)
+        else:
+            m = best_lookahead(lambda m: lossless_rate(rates, m, batch, cost), self.k_max)
+        self._cached = (batch, self.stats.version, m)
+        return m
+
+    def masks(self, batch: int) -> int:
+        """The masks of the next forward (at most ``k_max``)."""
+        self.exploring = False
+        if not self.auto or self.k_max == 0:
+            return self.k_max
+        m = self.best(batch)
+        width = 1 + (2 * m if self.mode == "lossless" else m)
+        self.budget += self.explore * self.cost(batch, width)
+        if m < self.k_max:
+            e = m + 1
+            # Exploring pays twice: the mask now, and next forward the drafts' verification (lossless) or the
+            # re-fed accepted tokens (parallel).
+            extra = 2 * (self.cost(batch, 1 + 2 * e) - self.cost(batch, width)) if self.mode == "lossless" else 2 * (
+                self.cost(batch, 1 + e) - self.cost(batch, 1 + m))
+            # Priced at least a quarter forward, so a nearly free extra token is not explored at every step.
+            extra = max(extra, 0.25 * self.cost(batch, 1))
+            if self.budget >= extra:
+                self.budget -= extra
+                self.exploring = True
+                return e
+        return m

@@ -1,0 +1,195 @@
+"""What each forward appends after a row's pending tokens: nothing (AR), masks (parallel), drafts + masks (lossless).
+
+A proposer's ``propose(rows)`` returns a ``Proposal`` (the same number of masks for every row, per-row
+drafts); after the forward its ``observe`` learns from what the acceptor accepted and prepares the next
+drafts. The shape is that of transformers' candidate generators; a new way to propose (a budgeted plan,
+strided streams) is a new proposer, not an edit of the engine's loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from card.eval.decoding.planner import MARGIN, NGRAM_PRIOR, REPLAN, Lookahead, SlotStats, accepted_curve
+
+NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest first)
+
+
+@dataclass
+class Proposal:
+    masks: int  # masks appended to every row
+    drafts: list[list[int]]  # per row: draft tokens between the pending tokens and the masks
+    sources: list[str | None] = field(default_factory=list)  # per row: "mask", "ngram<n>" or None
+
+
+@dataclass
+class Outcome:
+    """What the acceptor made of one row's forward."""
+
+    tokens: list[int]  # tokens to commit, in order
+    cached: int  # how many leading ``tokens`` already have their KV cached (accepted drafts)
+    proposed: int  # lookahead slots offered (masks in parallel, drafts in lossless)
+    accepted: int  # how many of them were accepted
+    mask_predictions: list[int] | None = None  # lossless: the masks' guesses, valid only if every draft passed
+
+
+class NgramIndex:
+    """Prompt lookup over one row's text: for n = 3, 2, 1 the latest earlier position of every n-gram.
+
+    ``lookup(L)`` returns up to L tokens that followed the latest earlier occurrence of the text's last n
+    tokens (the longest n that has one), and that n. Updating costs O(n) per appended token.
+    """
+
+    def __init__(self, ids: list[int]) -> None:
+        self.seq: list[int] = []
+        self.maps: list[dict[tuple[int, ...], int]] = [{} for _ in range(NGRAM_MAX)]
+        self.extend(ids)
+
+    def extend(self, tokens: list[int]) -> None:
+        seq, maps = self.seq, self.maps
+        for t in tokens:
+            i = len(seq)
+            for n in range(1, min(NGRAM_MAX, i) + 1):  # the n-gram ending just before t is followed by t
+                maps[n - 1][tuple(seq[i - n:i])] = i
+            seq.append(t)
+
+    def lookup(self, length: int) -> tuple[list[int], int]:
+        if length <= 0:
+            return [], 0
+        seq = self.seq
+        for n in range(min(NGRAM_MAX, len(seq)), 0, -1):
+            j = self.maps[n - 1].get(tuple(seq[-n:]))
+            if j is not None:
+                return seq[j:j + length], n
+        return [], 0
+
+
+def _remaining(row) -> int:
+    return row.max_new_tokens - len(row.tokens)
+
+
+class MaskProposer:
+    """AR (no lookahead) and parallel decoding: m masks after the pending tokens, m from a ``Lookahead``."""
+
+    def __init__(self, lookahead: Lookahead | None, stats: SlotStats | None) -> None:
+        self.lookahead, self.stats = lookahead, stats
+
+    def start(self, row) -> None:
+        pass
+
+    def propose(self, rows) -> Proposal:
+        m = self.lookahead.masks(len(rows)) if self.lookahead is not None else 0
+        # Masks beyond every row's remaining budget can never be committed; masks only see the slots before
+        # them, so dropping the trailing ones changes no prediction.
+        m = max(0, min(m, max(_remaining(r) - 1 for r in rows)))
+        return Proposal(m, [[] for _ in rows])
+
+    def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
+        if self.stats is not None and proposal.masks:
+            for o in outcomes:
+                self.stats.observe(o.proposed, o.accepted)
+            self.stats.forget()
+
+
+class DraftProposer:
+    """Lossless decoding: per row, drafts from the previous forward's masks or from prompt lookup, then m masks.
+
+    With automatic lookahead, m comes from the ``Lookahead`` (the stationary mask-draft model) and the drafts
+    of each row are the source with the larger expected number of accepted tokens; their common length d is
+    the one maximising sum_rows w_row (1 + A_row(d)) / c(B, pending + d + m) (w: the row's share of the work
+    left, see ``_choose``), never shorter than the mask drafts
+    already made (they are what the masks were paid for). With a fixed K, a row uses its mask drafts when
+    it has them and prompt lookup otherwise, so its steps do not depend on the rest of the batch.
+    """
+
+    def __init__(self, k_max: int, sources: tuple[str, ...], lookahead: Lookahead, mask_stats: SlotStats,
+                 cost, auto: bool) -> None:
+        self.k_max, self.lookahead, self.mask_stats, self.cost, self.auto = k_max, lookahead, mask_stats, cost, auto
+        self.use_masks = "mask" in sources
+        self.use_ngram = "ngram" in sources and k_max > 0
+        self.ngram_stats = [SlotStats([NGRAM_PRIOR] * k_max, strength=2.0) for _ in range(NGRAM_MAX)]
+        self._curves: dict = {}
+
+    def start(self, row) -> None:
+        row.drafts = []
+        row.ngram = NgramIndex(row.prompt_ids) if self.use_ngram else None
+
+    def _curve(self, stats: SlotStats) -> list[float]:
+        key = id(stats)
+        hit = self._curves.get(key)
+        if hit is None or stats.version - hit[0] >= REPLAN:
+            hit = self._curves[key] = (stats.version, accepted_curve(stats.rates()))
+        return hit[1]
+
+    def propose(self, rows) -> Proposal:
+        B = len(rows)
+        m = self.lookahead.masks(B) if self.use_masks else 0
+        mask_d = [r.drafts for r in rows]
+        ngram: list[tuple[list[int], int]] = []
+        if self.use_ngram:
+            ngram = [r.ngram.lookup(min(self.k_max, _remaining(r) - 1)) for r in rows]
+        if not any(g for g, _ in ngram):
+            drafts, sources = mask_d, ["mask" if d else None for d in mask_d]
+        elif not self.auto:
+            drafts = [d if d else g for d, (g, _) in zip(mask_d, ngram)]
+            sources = ["mask" if d else (f"ngram{n}" if g else None) for d, (g, n) in zip(mask_d, ngram)]
+        else:
+            drafts, sources = self._choose(rows, m, mask_d, ngram)
+        m = max(0, min(m, max(_remaining(r) - 1 - len(d) for r, d in zip(rows, drafts))))
+        return Proposal(m, drafts, sources)
+
+    def _choose(self, rows, m, mask_d, ngram):
+        """The common draft length d and each row's source maximising expected tokens per second."""
+        B = len(rows)
+        mc = self._curve(self.mask_stats)
+        ncs = [self._curve(s) for s in self.ngram_stats]
+        pending = max(len(r.pending) for r in rows)
+        d_min = max(map(len, mask_d))
+        d_max = max(d_min, max(len(g) for g, _ in ngram))
+        # A static batch runs until its slowest row is done: a row's tokens are worth its share of the work
+        # left (w = remaining / the most remaining), so drafts for rows far ahead do not widen everyone's forward.
+        most = max(_remaining(r) for r in rows)
+        weights = [_remaining(r) / most for r in rows]
+        best_d, best_rate = d_min, -1.0
+        for d in range(d_min, d_max + 1):
+            tokens = 0.0
+            for w, md, (g, n) in zip(weights, mask_d, ngram):
+                e_mask = mc[min(d, len(md))] if md else 0.0
+                e_ng = ncs[n - 1][min(d, len(g))] if g else 0.0
+                tokens += w * (1.0 + max(e_mask, e_ng))
+            rate = tokens / self.cost(B, pending + d + m)
+            if d > d_min:
+                rate /= MARGIN  # extra drafts must promise MARGIN more than none (see the planner)
+            if rate > best_rate * (1 + 1e-9):
+                best_d, best_rate = d, rate
+        drafts, sources = [], []
+        for md, (g, n) in zip(mask_d, ngram):
+            e_mask = mc[min(best_d, len(md))] if md else 0.0
+            e_ng = ncs[n - 1][min(best_d, len(g))] if g else 0.0
+            if md and e_mask >= e_ng:
+                drafts.append(md)
+                sources.append("mask")
+            elif g and best_d > 0 and e_ng > 0:
+                drafts.append(g[:best_d])
+                sources.append(f"ngram{n}")
+            else:
+                drafts.append(md)
+                sources.append("mask" if md else None)
+        return drafts, sources
+
+    def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
+        for r, src, o, new in zip(rows, proposal.sources, outcomes, committed):
+            if src == "mask":
+                self.mask_stats.observe(o.proposed, o.accepted)
+            elif src is not None:
+                self.ngram_stats[int(src[5:]) - 1].observe(o.proposed, o.accepted)
+            if r.ngram is not None:
+                r.ngram.extend(new)
+            # Later mask guesses assumed every draft; after a rejection they are conditioned on a wrong token.
+            if o.mask_predictions is not None and self.use_masks:
+                r.drafts = o.mask_predictions[:max(0, _remaining(r) - 1)]
+            else:
+                r.drafts = []
+        self.mask_stats.forget()
+        for s in self.ngram_stats:
+            s.forget()

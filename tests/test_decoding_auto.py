@@ -1,0 +1,280 @@
+"""Decoding specs, the cost model c(B, q), the cost-aware lookahead and prompt-lookup drafts.
+
+Lossless output is checked against greedy AR under every lookahead choice, draft source and batch size;
+the planner's choices against brute force; the cost cache against real timed forwards of a real model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from card.checkpoint import load_checkpoint
+from card.convert import convert
+from card.errors import CardError
+from card.eval.decoding import CostModel, DecodingSpec, decode, decode_ar, decode_lossless, decode_parallel, parse_modes
+from card.eval.decoding import cost as cost_mod
+from card.eval.decoding.planner import (
+    Lookahead,
+    SlotStats,
+    accepted_curve,
+    best_lookahead,
+    lossless_rate,
+    parallel_rate,
+    profile_prior,
+    slot_prior,
+    warn_untrained,
+)
+from card.eval.decoding.proposers import NgramIndex
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cost_cache(tmp_path_factory):
+    """A private cost cache: tests neither read nor write the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CARD_CACHE_DIR", str(tmp_path_factory.mktemp("card-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt, tmp_path_factory):
+    cache = {}
+
+    def make(arch="llama", seed=0):
+        if (arch, seed) not in cache:
+            dst = tmp_path_factory.mktemp(f"auto-{arch}-{seed}") / "card"
+            convert(str(tiny_ckpt(arch, seed)), dst)
+            cache[arch, seed] = load_checkpoint(dst, dtype="float32", require_card=True)
+        return cache[arch, seed]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def stories(stories_card):
+    return load_checkpoint(stories_card, dtype="float32", require_card=True)
+
+
+# ------------------------------------------------------------------------------------------ spec
+def test_spec_parses_modes_defaults_and_overrides():
+    assert DecodingSpec.parse("parallel@0.7").threshold == 0.7
+    s = DecodingSpec.parse("lossless", block_size="4")
+    assert (s.block_size, s.lookahead, s.draft_sources) == (4, "fixed", ("mask",))
+    s = DecodingSpec.parse("lossless", block_size="auto")
+    assert (s.block_size, s.lookahead, s.draft_sources) == (None, "auto", ("mask", "ngram"))
+    assert DecodingSpec.parse("lossless", drafts="ngram", block_size=3).draft_sources == ("ngram",)
+    meta = type("M", (), {"decoding": type("D", (), {"threshold": 0.8, "block_size": 6})()})()
+    r = DecodingSpec.parse("parallel").resolve(meta)
+    assert (r.threshold, r.block_size, r.lookahead) == (0.8, 6, "auto")
+    assert DecodingSpec.parse("parallel@0.5", block_size=2).resolve(meta).settings()["block_size"] == 2
+    assert [s.text for s in parse_modes("ar, parallel@0.7,lossless")] == ["ar", "parallel@0.7", "lossless"]
+    assert DecodingSpec.parse("parallel@0.7", block_size=3).label(True) == "parallel@0.7 K=3"
+
+
+@pytest.mark.parametrize("text,kw,message", [
+    ("beam", {}, "unknown mode 'beam'"),
+    ("parallel@x", {}, "not a threshold"),
+    ("parallel@0", {}, r"threshold must be in \(0, 1\]"),
+    ("lossless", dict(threshold=0.5), "parallel decoding only"),
+    ("lossless", dict(temperature=0.7), "greedy only"),
+    ("parallel", dict(block_size=-1), "block size"),
+    ("parallel", dict(block_size="fast"), "block size"),
+    ("parallel", dict(drafts="mask"), "lossless decoding only"),
+    ("lossless", dict(drafts="beam"), "drafts must be"),
+    ("parallel", dict(rule="any"), "rule"),
+    ("parallel", dict(top_p=0.0), "top-p"),
+    ("parallel", dict(bogus=1), "no setting bogus"),
+])
+def test_bad_specs_are_one_line_errors(text, kw, message):
+    with pytest.raises(CardError, match=message) as e:
+        DecodingSpec.parse(text, **kw)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ lossless == AR
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    model=st.sampled_from([("llama", 0), ("gpt2", 0), ("qwen2", 0), ("llama", 1), ("stories", 0)]),
+    base=st.lists(st.lists(st.integers(3, 299), min_size=1, max_size=6), min_size=1, max_size=4),
+    repeat=st.integers(1, 3),
+    block_size=st.sampled_from(["auto", 0, 1, 3, 6]),
+    drafts=st.sampled_from([None, "mask", "ngram", "mask+ngram"]),
+    batch_size=st.sampled_from([None, 1, 2, 3]),
+    max_new_tokens=st.integers(1, 28),
+)
+def test_lossless_equals_greedy_ar_for_every_lookahead_draft_source_and_batch(
+        model, base, repeat, block_size, drafts, batch_size, max_new_tokens, tiny, stories):
+    ck = stories if model[0] == "stories" else tiny(*model)
+    prompts = [[1] + p * repeat for p in base]  # repeated text: prompt lookup finds matches
+    ar = decode_ar(ck.model, ck.tokenizer, prompts, max_new_tokens=max_new_tokens)
+    ll = decode_lossless(ck.model, ck.tokenizer, prompts, max_new_tokens=max_new_tokens, block_size=block_size,
+                         drafts=drafts, batch_size=batch_size)
+    for a, b in zip(ar, ll, strict=True):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert b.forwards <= a.forwards and sum(map(len, b.steps)) == b.new_tokens
+
+
+def test_prompt_lookup_drafts_are_accepted_on_repetitive_text(stories):
+    """The greedy stories260K repeats itself: n-gram drafts get accepted, and output stays AR's."""
+    prompts = ["Once upon a time", "Lily went to the park. She saw a big dog. The dog", "One day, a little dog"]
+    ar = decode_ar(stories.model, stories.tokenizer, prompts, max_new_tokens=96)
+    ll = decode_lossless(stories.model, stories.tokenizer, prompts, max_new_tokens=96, drafts="ngram", block_size=4)
+    assert [x.token_ids for x in ll] == [x.token_ids for x in ar]
+    assert sum(x.lookahead["drafts_accepted"] for x in ll) > 0
+    assert sum(x.forwards for x in ll) < sum(x.forwards for x in ar)
+    assert all(x.lookahead["masks"] == 0 for x in ll)  # prompt lookup alone needs no masks
+
+
+def test_auto_lookahead_results_record_the_choice_and_break_even(stories):
+    r = decode(DecodingSpec("lossless"), stories.model, stories.tokenizer, ["Once upon a time"], max_new_tokens=16)[0]
+    look = r.lookahead
+    assert look["policy"] == "auto" and look["max"] == 8 and look["prior"] == "untrained"
+    assert look["break_even_1"] >= 1.0 and look["cost"]["break_even"] >= look["break_even_1"]
+    assert r.settings["lookahead"] == "auto" and r.settings["drafts"] == "mask+ngram"
+    json.dumps(r.to_dict())
+
+
+def test_parallel_on_an_unadapted_checkpoint_warns_once(tiny, capsys, monkeypatch):
+    from card.eval.decoding import planner
+
+    monkeypatch.setattr(planner, "_WARNED", set())  # as in a fresh process
+    ck = tiny("gpt2", 0)
+    decode_lossless(ck.model, ck.tokenizer, ["hi"], max_new_tokens=2)
+    assert "untrained" not in capsys.readouterr().err  # lossless stays exact: no warning
+    for _ in range(2):
+        decode_parallel(ck.model, ck.tokenizer, ["hi"], max_new_tokens=2)
+    err = capsys.readouterr().err
+    assert err.count("masks are untrained") == 1 and len(err.strip().splitlines()) == 1
+    warn_untrained(ck.model, "parallel")
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------ cost model
+def test_cost_model_is_measured_once_then_read_from_disk(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("CARD_CACHE_DIR", str(tmp_path))  # empty: whatever earlier tests measured is not there
+    ck = tiny("llama", 0)
+    calls = []
+    handle = ck.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        monkeypatch.setattr(cost_mod, "_MEMORY", {})
+        cm = CostModel.for_model(ck.model)
+        t = cm.table(3)  # priced at the grid point 4
+        assert set(t) == set(cost_mod.QUERY_GRID) and calls and 0 < cm.measured_seconds < 5
+        assert all(t[a] <= t[b] for a, b in zip(sorted(t), sorted(t)[1:]))  # non-decreasing in q
+        assert cm.path.exists() and cm.break_even(4, 8) >= 1.0
+        n = len(calls)
+        monkeypatch.setattr(cost_mod, "_MEMORY", {})  # a new process: only the file is left
+        again = CostModel.for_model(ck.model)
+        assert again.table(4) == t and len(calls) == n  # no forward: read from the cache file
+        torch.set_num_threads(2)
+        try:
+            assert CostModel.for_model(ck.model).path != cm.path  # threads are part of the key
+        finally:
+            torch.set_num_threads(1)
+    finally:
+        handle.remove()
+
+
+@given(table=st.dictionaries(st.sampled_from(cost_mod.QUERY_GRID), st.floats(1e-4, 1.0), min_size=2),
+       q=st.floats(1, 40))
+def test_cost_interpolation_is_monotone_and_exact_on_the_grid(table, q):
+    t = cost_mod.monotone(table)
+    for k, v in t.items():
+        assert cost_mod.interpolate(t, k) == pytest.approx(v)
+    assert cost_mod.interpolate(t, q) <= cost_mod.interpolate(t, q + 1) + 1e-12
+
+
+# ------------------------------------------------------------------------------------------ planner
+rates_st = st.lists(st.floats(0, 1), min_size=1, max_size=8)
+
+
+@given(rates=rates_st, slope=st.floats(0, 2), batch=st.integers(1, 16))
+def test_best_lookahead_is_the_argmax_and_zero_is_ar(rates, slope, batch):
+    def cost(q):
+        return 1.0 + slope * (q - 1)
+
+    K = len(rates)
+    curve = accepted_curve(rates)
+    for rate in (lambda m: parallel_rate(curve, m, cost), lambda m: lossless_rate(rates, m, batch, cost)):
+        m = best_lookahead(rate, K, margin=1.0)
+        assert rate(m) >= max(rate(j) for j in range(K + 1)) * (1 - 1e-9)
+    assert parallel_rate(curve, 0, cost) == 1.0 and lossless_rate(rates, 0, batch, cost) == batch
+
+
+@given(slope=st.floats(0.01, 2), batch=st.integers(1, 16), k=st.integers(1, 8))
+def test_useless_masks_and_growing_cost_choose_no_lookahead(slope, batch, k):
+    def cost(q):
+        return 1.0 + slope * (q - 1)
+
+    zero = [0.0] * k
+    assert best_lookahead(lambda m: parallel_rate(accepted_curve(zero), m, cost), k) == 0
+    assert best_lookahead(lambda m: lossless_rate(zero, m, batch, cost), k) == 0
+    perfect = [1.0] * k  # always accepted, nearly free: the whole block
+    assert best_lookahead(lambda m: parallel_rate(accepted_curve(perfect), m, lambda q: 1 + 1e-3 * q), k) == k
+
+
+def test_measured_cost_with_untrained_prior_plans_ar_and_explores_little(tiny):
+    ck = tiny("llama", 0)
+    cm = CostModel.for_model(ck.model)
+    prior, source = slot_prior(ck.model.config.card, 8)
+    assert source == "untrained"
+    for mode in ("parallel", "lossless"):
+        look = Lookahead(mode, 8, True, cm, SlotStats(prior))
+        chosen = [look.masks(4) for _ in range(400)]
+        assert look.best(4) == 0
+        assert 0 < sum(m > 0 for m in chosen) < 0.25 * len(chosen)  # bounded exploration happens
+        assert max(chosen) == 1
+
+
+def test_exploration_discovers_good_masks():
+    stats = SlotStats([0.02] * 4)
+    look = Lookahead("parallel", 4, True, lambda b, q: 1.0 + 0.05 * (q - 1), stats)
+    for _ in range(300):
+        m = look.masks(1)
+        stats.observe(m, m)  # every mask is accepted
+        stats.forget()
+    assert look.best(1) == 4
+
+
+def test_slot_profile_prior_is_read_tolerantly():
+    profile = {"format": 1, "measured_by": "test", "tokens": 100, "bucket_edges": [0, 16],
+               "slots": 3, "accuracy": [[0.5, 0.7], [0.3, 0.35], [0.1, None]], "count": [[10, 30], [10, 30], [5, 0]]}
+    rates = profile_prior(profile, 4)
+    assert len(rates) == 4 and rates[0] == pytest.approx((0.3 * 10 + 0.35 * 30) / 40 / ((0.5 * 10 + 0.7 * 30) / 40))
+    assert rates[2] < rates[1] and all(0 <= r <= 1 for r in rates)
+    assert slot_prior({"slot_profile": profile, "adaptation": []}, 4) == (rates, "profile")
+    assert slot_prior({"slot_profile": {"accuracy": "junk"}, "adaptation": [{}]}, 2)[1] == "adapted"
+    assert slot_prior({}, 2) == ([0.02, 0.02], "untrained")
+
+
+# ------------------------------------------------------------------------------------------ prompt lookup
+@given(seq=st.lists(st.integers(0, 4), min_size=1, max_size=40), split=st.integers(0, 40), length=st.integers(1, 6))
+def test_ngram_index_finds_the_latest_earlier_match(seq, split, length):
+    idx = NgramIndex(seq[:split])
+    idx.extend(seq[split:])
+    got, n = idx.lookup(length)
+    want, want_n = [], 0
+    for size in (3, 2, 1):  # brute force: the longest suffix with an earlier occurrence, its latest one
+        if len(seq) < size:
+            continue
+        suffix = seq[-size:]
+        starts = [i for i in range(len(seq) - size) if seq[i:i + size] == suffix]
+        if starts:
+            j = max(starts) + size
+            want, want_n = seq[j:j + length], size
+            break
+    assert (got, n) == (want, want_n)
+
+
+@given(table=st.dictionaries(st.sampled_from(cost_mod.QUERY_GRID), st.floats(1e-4, 1.0), min_size=2))
+def test_cost_never_exceeds_q_one_token_forwards(table):
+    t = cost_mod.monotone(table)
+    first = table[min(table)]
+    assert all(t[q] <= q * first * (1 + 1e-12) for q in t)
