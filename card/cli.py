@@ -268,6 +268,20 @@ app.command("lm-eval", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(user_errors(lm_eval_command))
 
 
+# ----------------------------------------------------------------------------------------- fetch-model
+def fetch_model_command(
+    name: str = typer.Argument(..., help="model to fetch, e.g. smollm2-135m-instruct"),
+) -> None:
+    """Download a real model file (sha256-checked) into the model cache ($CARD_CACHE_DIR/models)."""
+    from card.models import fetch_model
+
+    path, downloaded = fetch_model(name)
+    typer.echo(f"{'fetched' if downloaded else 'already present'}: {path}")
+
+
+app.command("fetch-model")(user_errors(fetch_model_command))
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def demo_command(
     out: str = typer.Option("runs/demo", help="run folder (data, checkpoints, report)"),
