@@ -51,24 +51,27 @@ def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
 
 # --------------------------------------------------------------------------------------------- convert
 def convert_command(
-    src: str = typer.Argument(..., help="HF checkpoint directory, hub id, or llama2.c model.bin"),
+    src: str = typer.Argument(..., help="HF checkpoint directory, hub id, GGUF file, or llama2.c model.bin"),
     dst: str = typer.Argument(..., help="output directory for the CARD checkpoint"),
     mask_token: Optional[str] = typer.Option(None, help="reuse this existing token as the mask token"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     tokenizer: Optional[str] = typer.Option(None, help="SentencePiece .model of a llama2.c checkpoint"),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside the folder or hub repo SRC"),
     overwrite: bool = typer.Option(False, help="replace DST if it exists"),
     verify: bool = typer.Option(True, help="reload DST and compare its AR logits with the source"),
 ) -> None:
     """Convert a pretrained causal LM into a CARD checkpoint."""
     from card.convert import convert
 
-    r = convert(src, dst, mask_token=mask_token, dtype=dtype, overwrite=overwrite, verify=verify, tokenizer=tokenizer)
+    r = convert(src, dst, mask_token=mask_token, dtype=dtype, overwrite=overwrite, verify=verify, tokenizer=tokenizer,
+                gguf_file=gguf_file)
     if r.verified is None:
         verdict = "skipped (--no-verify)"
     else:
         verdict = f"passed: max |Δlogit| {r.max_abs_diff:.2e}, argmax identical"
     Console().print(summary_table(f"converted {r.src} -> {r.dst}", [
-        ("architecture", f"{r.architecture} ({r.model_type}, {r.source_format})"),
+        ("architecture", f"{r.architecture} ({r.model_type}, {r.source_format}"
+                         + (f" {r.quantization}" if r.quantization else "") + ")"),
         ("parameters", f"{r.params:,}"),
         ("dtype", r.dtype),
         ("mask token", f"{r.mask_token!r} id {r.mask_token_id} ({'new' if r.mask_token_added else 'existing'})"),
