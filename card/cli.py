@@ -103,6 +103,9 @@ def generate_command(
     seed: int = typer.Option(0, help="sampling seed"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    chat: bool = typer.Option(False, "--chat", help="send PROMPT as a user message through the chat template; "
+                              "stop at its end-of-turn token"),
+    system: Optional[str] = typer.Option(None, "--system", help="with --chat: a system message before PROMPT"),
 ) -> None:
     """Generate text, streaming each forward's committed tokens (alternating colours), then a stats line."""
     import json
@@ -113,8 +116,16 @@ def generate_command(
     check_settings(decoding, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    threshold=threshold, block_size=block_size)
     check_checkpoint_path(ckpt, require_card=decoding != "ar")
+    if system is not None and not chat:
+        raise CardError("--system needs --chat")
     ck = load_checkpoint(ckpt, dtype=dtype)
     settings = dict(max_new_tokens=max_new_tokens)
+    query = prompt
+    if chat:
+        from card.eval.chat import chat_prompt_ids, end_of_turn_ids
+
+        query = chat_prompt_ids(ck.tokenizer, prompt, system)
+        settings["eos_token_ids"] = end_of_turn_ids(ck.tokenizer)
     if decoding != "lossless":
         settings.update(temperature=temperature, top_p=top_p, seed=seed)
     if decoding != "ar":
@@ -124,7 +135,7 @@ def generate_command(
     if not json_output:
         # Decode prompt + generated tokens and print what each forward adds: decoding the new tokens alone
         # would lose SentencePiece's leading spaces and split multi-byte characters.
-        ids = list(ck.tokenizer(prompt)["input_ids"])
+        ids = list(query) if chat else list(ck.tokenizer(prompt)["input_ids"])
         shown = [ck.tokenizer.decode(ids, skip_special_tokens=True)]
         forwards = [0]
 
@@ -136,13 +147,17 @@ def generate_command(
                 shown[0] = text
             forwards[0] += 1
 
-        out.print(prompt, end="")
-    r = generate(ck, [prompt], mode=decoding, on_step=on_step, **settings)[0]
+        if chat:
+            out.print(shown[0], style="dim", end="")
+        else:
+            out.print(prompt, end="")
+    r = generate(ck, [query], mode=decoding, on_step=on_step, **settings)[0]
     if json_output:
         keys = ("text", "token_ids", "new_tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second",
                 "finish_reason", "settings", "prompt_ids", "steps")
         d = r.to_dict()
-        typer.echo(json.dumps({"prompt": prompt, **{k: d[k] for k in keys}}))
+        typer.echo(json.dumps({"prompt": prompt, **({"chat": True, "system": system} if chat else {}),
+                               **{k: d[k] for k in keys}}))
         return
     out.print()
     out.print(f"[dim]{r.new_tokens} tokens in {r.forwards} forwards ({r.tokens_per_forward:.2f} tokens/forward), "
