@@ -122,7 +122,7 @@ def generate_command(
     settings = dict(max_new_tokens=max_new_tokens)
     query = prompt
     if chat:
-        from card.eval.chat import chat_prompt_ids, end_of_turn_ids
+        from card.chat import chat_prompt_ids, end_of_turn_ids
 
         query = chat_prompt_ids(ck.tokenizer, prompt, system)
         settings["eos_token_ids"] = end_of_turn_ids(ck.tokenizer)
@@ -230,6 +230,10 @@ def eval_command(
     out: Optional[str] = typer.Option(None, help="write results.json, report.md, report.html, samples.jsonl here"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template",
+                                             help="lm-eval's: render prompts with the tokenizer's chat template"),
+    fewshot_as_multiturn: bool = typer.Option(False, "--fewshot-as-multiturn",
+                                              help="lm-eval's: few-shot examples as earlier chat turns"),
 ) -> None:
     """Evaluate a CARD checkpoint with lm-eval in several decoding modes and write a comparison report."""
     from card.eval.runner import command_line, evaluate
@@ -238,7 +242,8 @@ def eval_command(
         limit = int(limit)
     results = evaluate(ckpt, tasks, modes, include_path=include_path, baseline=baseline, limit=limit,
                        num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, block_size=block_size, out=out,
-                       dtype=dtype, device=device, command=command_line())
+                       dtype=dtype, device=device, command=command_line(), apply_chat_template=apply_chat_template,
+                       fewshot_as_multiturn=fewshot_as_multiturn)
     print_results_table(results, f"card eval {ckpt}")
     if out:
         typer.echo(f"wrote {out}/results.json, report.md, report.html, samples.jsonl")

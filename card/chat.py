@@ -50,3 +50,27 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         raise CardError("the chat template marks no end of turn and the tokenizer has no EOS token; cannot tell "
                         "where an answer ends")
     return ids
+
+
+def render_with_spans(tokenizer, conversation: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The whole conversation rendered with the chat template, and the character spans of the assistant turns.
+
+    An assistant turn's span runs from the end of the conversation before it rendered with the generation
+    prompt (``<|im_start|>assistant\\n`` in ChatML) to the end of the conversation rendered up to and including
+    it, so it holds the answer and the template's end of turn: what a model must learn to produce.
+    """
+    check_chat_template(tokenizer)
+    render = lambda conv, gen=False: tokenizer.apply_chat_template(  # noqa: E731
+        conv, tokenize=False, add_generation_prompt=gen)
+    text = render(conversation)
+    spans = []
+    for i, m in enumerate(conversation):
+        if m["role"] != "assistant":
+            continue
+        before = render(conversation[:i], True) if i else ""
+        upto = render(conversation[:i + 1])
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise CardError("the chat template does not render a conversation as the concatenation of its turns; "
+                            "cannot find the assistant turns")
+        spans.append((len(before), len(upto)))
+    return text, spans
