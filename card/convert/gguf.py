@@ -80,10 +80,11 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     arch = header.architecture
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("-", "_") not in GGUF_SUPPORTED_ARCHITECTURES:
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping sections, not models
+    if arch not in readable and arch.replace("-", "_") not in readable:
         raise CardError(
             f"GGUF architecture {arch!r} of {path.name} cannot be read by transformers {tf.__version__} "
-            f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+            f"(it reads {', '.join(readable)})"
         )
     if "t5" in arch:
         raise CardError(f"GGUF architecture {arch!r} is an encoder-decoder model; CARD needs a decoder-only causal LM")
