@@ -24,6 +24,9 @@ console = Console(stderr=True)
 @app.callback()
 def main() -> None:
     """CARD toolkit: convert, adapt and evaluate causal LMs."""
+    from card.quiet import quiet_progress_when_not_a_terminal
+
+    quiet_progress_when_not_a_terminal()
 
 
 def user_errors(fn):
@@ -61,6 +64,9 @@ def convert_command(
     verify: bool = typer.Option(True, help="reload DST and compare its AR logits with the source"),
 ) -> None:
     """Convert a pretrained causal LM into a CARD checkpoint."""
+    from card.quiet import quiet_progress_when_not_a_terminal
+
+    quiet_progress_when_not_a_terminal()  # card-convert has no callback of its own
     from card.convert import convert
 
     r = convert(src, dst, mask_token=mask_token, dtype=dtype, overwrite=overwrite, verify=verify, tokenizer=tokenizer,
@@ -279,8 +285,13 @@ def lm_eval_command(ctx: typer.Context) -> None:
     import card.eval.lm_model  # noqa: F401  (registers the `card` model)
     from lm_eval.__main__ import cli_evaluate
 
+    from card.eval.runner import BUNDLED_TASKS
+
+    args = list(ctx.args)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(BUNDLED_TASKS)]  # the bundled card_* tasks, as `card eval` finds them
     argv = sys.argv
-    sys.argv = ["lm-eval", *ctx.args]
+    sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
     finally:

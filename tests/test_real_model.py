@@ -194,6 +194,17 @@ def test_lm_eval_card_model_equals_hf_backend(smol_card, tm, chat, two_threads):
         assert res["runs"][0]["scores"]["card_piqa"]["acc,none"] == card["results"]["card_piqa"]["acc,none"]
 
 
+def test_card_lm_eval_finds_bundled_tasks_quietly_outside_git(smol_card, tmp_path):
+    """As the README shows it: no --include_path, run from a folder that is no git checkout, output piped."""
+    p = subprocess.run([str(CARD), "lm-eval", "--model", "card", "--model_args", f"pretrained={smol_card[0]}",
+                        "--tasks", "card_piqa", "--limit", "2", "--batch_size", "4"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "card_piqa" in p.stdout and "acc" in p.stdout
+    assert "not a git repository" not in p.stderr + p.stdout
+    assert "it/s]" not in p.stderr and "%|" not in p.stderr  # no progress bars in a piped log
+
+
 def test_eval_chat_flags_are_checked(smol_card):
     with pytest.raises(CardError, match="--fewshot-as-multiturn needs --apply-chat-template"):
         evaluate(str(smol_card[0]), "card_piqa", "ar", fewshot_as_multiturn=True)
