@@ -266,3 +266,20 @@ def test_two_rank_adapt_on_chat_data_writes_a_loadable_final(smol_card, data_dir
 
 def load_tok_template(path) -> str:
     return tf.AutoTokenizer.from_pretrained(path).chat_template
+
+
+# ------------------------------------------------------------------------------------------ GPU check
+def test_gpu_check_dry_run(smol_card, tmp_path):
+    """The GPU check's whole path on CPU with tiny step counts, so it cannot rot before a GPU runs it."""
+    from benchmarks.gpu_check import main
+
+    out = tmp_path / "gpu_check.json"
+    r = main(["--dry-run", "--checkpoint", str(smol_card[0]), "--out", str(out), "--work", str(tmp_path / "w")])
+    assert json.loads(out.read_text())["dry_run"] is True
+    assert r["adapt"]["steps"] == 2 and Path(r["adapt"]["final"]).is_dir()
+    rows = {(x["batch"], x["mode"]): x for x in r["decode"]}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in ("ar", "lossless", "parallel@0.9", "parallel@0.7")}
+    for b in (1, 2):
+        assert rows[b, "lossless"]["agreement_with_ar"] == 1.0
+        assert rows[b, "ar"]["tokens_per_forward"] == 1.0
+    assert r["piqa"]["acc_equal"] is True
