@@ -1,7 +1,8 @@
 """Real-model benchmark: SmolLM2-135M-Instruct (GGUF Q4_1, from ``card fetch-model``) through every stage.
 
     python -m benchmarks.real_model [--limit 500] [--gsm8k-limit 100] [--prompts 16] [--max-new-tokens 64]
-                                    [--repeats 2] [--adapt-minutes 0] [--work DIR] [--out benchmarks/results]
+                                    [--repeats 2] [--adapt-minutes 0] [--threads N] [--work DIR]
+                                    [--out benchmarks/results]
 
 Phases (each a section of ``real_model.json`` / ``real_model.md``):
 
@@ -271,10 +272,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--adapt-minutes", type=float, default=0.0)
     ap.add_argument("--adapt-seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy box)")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     from card.checkpoint import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gguf = model_path(NAME, check=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="card-real-model-"))

@@ -82,3 +82,18 @@ def test_cli_prints_one_line(tmp_path):
                        timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error: GGUF architecture 'rwkv7'") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_model_path_says_how_to_fetch_a_missing_or_altered_model(tmp_path, monkeypatch):
+    from card.models import model_info, model_path
+
+    monkeypatch.setenv("CARD_CACHE_DIR", str(tmp_path))
+    with pytest.raises(CardError, match=r"card fetch-model smollm2-135m-instruct` \(or `make models`\)"):
+        model_path("smollm2-135m-instruct")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / model_info("smollm2-135m-instruct").filename).write_bytes(b"partial")
+    assert model_path("smollm2-135m-instruct").name.endswith(".gguf")  # found; sha256 only checked on request
+    with pytest.raises(CardError, match="wrong sha256"):
+        model_path("smollm2-135m-instruct", check=True)
+    with pytest.raises(CardError, match="unknown model 'nope'; known: smollm2-135m-instruct"):
+        model_path("nope")
