@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test demo bench clean
+.PHONY: install models test demo bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# The real models the tests and benchmarks use (sha256-checked; a no-op when already cached).
+models: $(STAMP)
+	$(VENV)/bin/card fetch-model smollm2-135m-instruct
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -24,6 +24,9 @@ console = Console(stderr=True)
 @app.callback()
 def main() -> None:
     """CARD toolkit: convert, adapt and evaluate causal LMs."""
+    from card.quiet import quiet_progress_when_not_a_terminal
+
+    quiet_progress_when_not_a_terminal()
 
 
 def user_errors(fn):
@@ -51,24 +54,30 @@ def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
 
 # --------------------------------------------------------------------------------------------- convert
 def convert_command(
-    src: str = typer.Argument(..., help="HF checkpoint directory, hub id, or llama2.c model.bin"),
+    src: str = typer.Argument(..., help="HF checkpoint directory, hub id, GGUF file, or llama2.c model.bin"),
     dst: str = typer.Argument(..., help="output directory for the CARD checkpoint"),
     mask_token: Optional[str] = typer.Option(None, help="reuse this existing token as the mask token"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     tokenizer: Optional[str] = typer.Option(None, help="SentencePiece .model of a llama2.c checkpoint"),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside the folder or hub repo SRC"),
     overwrite: bool = typer.Option(False, help="replace DST if it exists"),
     verify: bool = typer.Option(True, help="reload DST and compare its AR logits with the source"),
 ) -> None:
     """Convert a pretrained causal LM into a CARD checkpoint."""
+    from card.quiet import quiet_progress_when_not_a_terminal
+
+    quiet_progress_when_not_a_terminal()  # card-convert has no callback of its own
     from card.convert import convert
 
-    r = convert(src, dst, mask_token=mask_token, dtype=dtype, overwrite=overwrite, verify=verify, tokenizer=tokenizer)
+    r = convert(src, dst, mask_token=mask_token, dtype=dtype, overwrite=overwrite, verify=verify, tokenizer=tokenizer,
+                gguf_file=gguf_file)
     if r.verified is None:
         verdict = "skipped (--no-verify)"
     else:
         verdict = f"passed: max |Δlogit| {r.max_abs_diff:.2e}, argmax identical"
     Console().print(summary_table(f"converted {r.src} -> {r.dst}", [
-        ("architecture", f"{r.architecture} ({r.model_type}, {r.source_format})"),
+        ("architecture", f"{r.architecture} ({r.model_type}, {r.source_format}"
+                         + (f" {r.quantization}" if r.quantization else "") + ")"),
         ("parameters", f"{r.params:,}"),
         ("dtype", r.dtype),
         ("mask token", f"{r.mask_token!r} id {r.mask_token_id} ({'new' if r.mask_token_added else 'existing'})"),
@@ -103,6 +112,9 @@ def generate_command(
     seed: int = typer.Option(0, help="sampling seed"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    chat: bool = typer.Option(False, "--chat", help="send PROMPT as a user message through the chat template; "
+                              "stop at its end-of-turn token"),
+    system: Optional[str] = typer.Option(None, "--system", help="with --chat: a system message before PROMPT"),
 ) -> None:
     """Generate text, streaming each forward's committed tokens (alternating colours), then a stats line."""
     import json
@@ -113,21 +125,32 @@ def generate_command(
     check_max_new_tokens(max_new_tokens)
     spec = DecodingSpec.parse(decoding, threshold=threshold, block_size=block_size, drafts=drafts,
                               temperature=temperature if temperature else None, top_p=top_p, seed=seed)
+    if system is not None and not chat:
+        raise CardError("--system needs --chat")
     meta = check_checkpoint_path(ckpt, require_card=spec.mode != "ar")
     spec = spec.resolve(meta)
     ck = load_checkpoint(ckpt, dtype=dtype)
+    query, call = prompt, {}
+    if chat:
+        from card.chat import chat_prompt_ids, end_of_turn_ids
+
+        query = chat_prompt_ids(ck.tokenizer, prompt, system)
+        call["eos_token_ids"] = end_of_turn_ids(ck.tokenizer)
     out = Console(highlight=False, soft_wrap=True)
     on_step = None
     if not json_output:
         # Decode prompt + generated tokens and print what each forward adds: decoding the new tokens alone
         # would lose SentencePiece's leading spaces and split multi-byte characters.
-        ids = list(ck.tokenizer(prompt)["input_ids"])
+        ids = list(query) if chat else list(ck.tokenizer(prompt)["input_ids"])
         shown = [ck.tokenizer.decode(ids, skip_special_tokens=True)]
         forwards = [0]
 
+        def echo_prompt() -> None:  # a chat prompt is shown as rendered by the template, dimmed
+            out.print(shown[0] if chat else prompt, style="dim" if chat else None, end="")
+
         def on_step(_index: int, new: list[int]) -> None:
             if forwards[0] == 0:  # only once decoding has started: a refused prompt is not echoed first
-                out.print(prompt, end="")
+                echo_prompt()
             ids.extend(new)
             text = ck.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # wait for whole characters
             if text.startswith(shown[0]) and len(text) > len(shown[0]):
@@ -135,15 +158,16 @@ def generate_command(
                 shown[0] = text
             forwards[0] += 1
 
-    r = generate(ck, [prompt], spec, max_new_tokens=max_new_tokens, on_step=on_step)[0]
+    r = generate(ck, [query], spec, max_new_tokens=max_new_tokens, on_step=on_step, **call)[0]
     if json_output:
         keys = ("text", "token_ids", "new_tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second",
                 "finish_reason", "settings", "prompt_ids", "steps", "lookahead")
         d = r.to_dict()
-        typer.echo(json.dumps({"prompt": prompt, **{k: d[k] for k in keys}}))
+        typer.echo(json.dumps({"prompt": prompt, **({"chat": True, "system": system} if chat else {}),
+                               **{k: d[k] for k in keys}}))
         return
     if forwards[0] == 0:
-        out.print(prompt, end="")
+        echo_prompt()
     out.print()
     look = r.lookahead
     if "cost" in look:
@@ -204,6 +228,10 @@ def eval_command(
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template",
+                                             help="lm-eval's: render prompts with the tokenizer's chat template"),
+    fewshot_as_multiturn: bool = typer.Option(False, "--fewshot-as-multiturn",
+                                              help="lm-eval's: few-shot examples as earlier chat turns"),
 ) -> None:
     """Evaluate a CARD checkpoint with lm-eval in several decoding modes and write a comparison report."""
     import contextlib
@@ -219,7 +247,8 @@ def eval_command(
     with claim as tmp:  # OUT appears whole, after the last score, or not at all
         results = evaluate(ckpt, tasks, modes, include_path=include_path, baseline=baseline, limit=limit,
                            num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, block_size=block_size, out=tmp,
-                           dtype=dtype, device=device, command=command_line())
+                           dtype=dtype, device=device, command=command_line(),
+                           apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn)
     print_results_table(results, f"card eval {ckpt}")
     if out:
         typer.echo(f"wrote {out}/results.json, report.md, report.html, samples.jsonl")
@@ -260,8 +289,13 @@ def lm_eval_command(ctx: typer.Context) -> None:
     import card.eval.lm_model  # noqa: F401  (registers the `card` model)
     from lm_eval.__main__ import cli_evaluate
 
+    from card.eval.runner import BUNDLED_TASKS
+
+    args = list(ctx.args)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(BUNDLED_TASKS)]  # the bundled card_* tasks, as `card eval` finds them
     argv = sys.argv
-    sys.argv = ["lm-eval", *ctx.args]
+    sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
     finally:
@@ -362,6 +396,20 @@ def decompress_command(
 
 app.command("compress")(user_errors(compress_command))
 app.command("decompress")(user_errors(decompress_command))
+
+
+# ----------------------------------------------------------------------------------------- fetch-model
+def fetch_model_command(
+    name: str = typer.Argument(..., help="model to fetch, e.g. smollm2-135m-instruct"),
+) -> None:
+    """Download a real model file (sha256-checked) into the model cache ($CARD_CACHE_DIR/models)."""
+    from card.models import fetch_model
+
+    path, downloaded = fetch_model(name)
+    typer.echo(f"{'fetched' if downloaded else 'already present'}: {path}")
+
+
+app.command("fetch-model")(user_errors(fetch_model_command))
 
 
 # ------------------------------------------------------------------------------------------------ demo

@@ -43,7 +43,7 @@ CACHE_VERSION = 1
 EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja")
 ENCODE_BATCH = 512  # documents per tokenizer call
 
 
@@ -254,10 +254,14 @@ def is_validation(index: int, fraction: float) -> bool:
 class Document:
     text: str
     prompt: str | None = None  # set for prompt/completion records (then ``text`` is the completion)
+    messages: list[dict[str, str]] | None = None  # set for chat records (``data.messages_field``)
 
 
 def _documents(records: Iterable[dict], spec: DataConfig, key: str) -> Iterator[Document]:
     """Non-empty documents of ``records``; a missing column is a one-line error naming the key."""
+    if spec.messages_field is not None:
+        yield from _chat_documents(records, spec.messages_field, key)
+        return
     pc = spec.prompt_field is not None
     checked = False
     for rec in records:
@@ -293,6 +297,7 @@ class RowFormat:
     pad_id: int
     packing: bool
     prompt_completion: bool
+    chat: bool = False  # rows are conversations rendered with the chat template (``data.messages_field``)
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:
@@ -331,6 +336,9 @@ def iter_rows(docs: Iterable[Document], tok, fmt: RowFormat, stats: dict) -> Ite
     buffer = array.array("i")
     for chunk in _chunks(docs, ENCODE_BATCH):
         stats["documents"] += len(chunk)
+        if fmt.chat:
+            yield from _chat_rows(tok, chunk, fmt, stats)
+            continue
         if fmt.prompt_completion:
             for p, c in _prompt_completion_ids(tok, chunk):
                 comp = c + after
@@ -368,6 +376,48 @@ def _padded(ids: list[int], completion_start: int, T: int, pad_id: int):
     comp = np.zeros(T, dtype=bool)
     comp[completion_start: len(ids)] = True
     return row, valid, comp
+
+
+# ------------------------------------------------------------------------------------------ chat records
+def _chat_documents(records: Iterable[dict], field_name: str, key: str) -> Iterator[Document]:
+    """Conversations of ``records[field_name]``: lists of ``{role, content}`` with at least one assistant turn."""
+    for n, rec in enumerate(records):
+        if field_name not in rec:
+            raise CardError(f"recipe key data.messages_field: column {field_name!r} not found in {key.split('.')[-1]} "
+                            f"(columns: {', '.join(map(str, rec))})")
+        conv = rec[field_name]
+        if conv is None:
+            continue
+        if not isinstance(conv, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in conv):
+            raise CardError(f"recipe key data.messages_field: record {n} is not a list of {{role, content}} messages")
+        if any(m["role"] == "assistant" and m["content"].strip() for m in conv):
+            yield Document("", messages=[{"role": m["role"], "content": m["content"]} for m in conv])
+
+
+def _chat_rows(tok, docs: list[Document], fmt: RowFormat, stats: dict):
+    """One right-padded row per conversation, rendered with the chat template; ``completion`` marks the tokens
+    of the assistant turns (their answers and end-of-turn tokens). A row too long keeps its start."""
+    from card.chat import render_with_spans
+
+    T = fmt.seq_len
+    for d in docs:
+        text, spans = render_with_spans(tok, d.messages)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        comp = [any(s < e_span and e > s_span for s_span, e_span in spans) for s, e in offsets]
+        if len(ids) > T:
+            stats["truncated"] += 1
+            ids, comp = ids[:T], comp[:T]
+        stats["tokens"] += len(ids)
+        row = np.full(T, fmt.pad_id, dtype=np.int32)
+        row[: len(ids)] = ids
+        valid = np.zeros(T, dtype=bool)
+        valid[: len(ids)] = True
+        completion = np.zeros(T, dtype=bool)
+        completion[: len(ids)] = comp
+        yield row, valid, completion
 
 
 def collect(rows: Iterable[tuple], limit: int | None = None) -> Rows:
@@ -436,7 +486,7 @@ def cache_key(spec: DataConfig, fmt: RowFormat, tokenizer_fp: str) -> str:
         "validation_source": None if spec.validation_path is None else source_fingerprint(spec.validation_path, spec, "data.validation_path"),
         "spec": {k: getattr(spec, k) for k in ("path", "name", "split", "data_files", "text_field", "sample_by",
                                                "validation_fraction", "validation_path", "max_validation_blocks",
-                                               "prompt_field", "completion_field", "packing")},
+                                               "prompt_field", "completion_field", "packing", "messages_field")},
         "format": [fmt.seq_len, fmt.separator, fmt.sep_id, fmt.pad_id],
         "tokenizer": tokenizer_fp,
     }
@@ -474,7 +524,13 @@ def row_format(spec: DataConfig, tok, seq_len: int, separator: str) -> RowFormat
         if sep_id is None:
             raise CardError(f"recipe key data.separator: the tokenizer has no {separator} token; choose another separator")
     pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id, sep_id) if i is not None), 0)
-    return RowFormat(seq_len, separator, sep_id, pad_id, spec.packing, spec.prompt_field is not None)
+    fmt = RowFormat(seq_len, separator, sep_id, pad_id, spec.packing, spec.prompt_field is not None)
+    if spec.messages_field is not None:
+        if not getattr(tok, "chat_template", None):
+            raise CardError("recipe key data.messages_field: the model's tokenizer has no chat template to render "
+                            "the conversations with")
+        fmt.chat = True
+    return fmt
 
 
 def _build(spec: DataConfig, tok, fmt: RowFormat, log: Callable[[str], None]) -> tuple[Rows, Rows, dict]:

@@ -47,6 +47,7 @@ class DataConfig:
     cache_dir: str | None = None  # default $CARD_CACHE_DIR or ~/.cache/card/data
     prompt_field: str | None = None  # with completion_field: one unpacked row per record
     completion_field: str | None = None
+    messages_field: str | None = None  # a list of {role, content}: chat template; assistant turns = completion
     packing: bool = True  # False: one document per row, truncated and right-padded
 
 
@@ -350,9 +351,11 @@ def validate(r: Recipe) -> Recipe:
     if (d.prompt_field is None) != (d.completion_field is None):
         missing = "data.completion_field" if d.completion_field is None else "data.prompt_field"
         raise _err(missing, "is required when the other of data.prompt_field / data.completion_field is set")
+    if d.messages_field is not None and d.prompt_field is not None:
+        raise _err("data.messages_field", "cannot be combined with data.prompt_field / data.completion_field")
     for key, scope in (("objective.mask_scope", o.mask_scope), ("objective.loss_scope", o.loss_scope)):
-        if scope == "completion" and d.completion_field is None:
-            raise _err(key, "'completion' needs data.prompt_field and data.completion_field")
+        if scope == "completion" and d.completion_field is None and d.messages_field is None:
+            raise _err(key, "'completion' needs data.prompt_field and data.completion_field, or data.messages_field")
     if d.path is None and d.data_files is None:
         raise _err("data.path", "is required (a text/json/jsonl/csv/parquet file or folder, or a hub dataset id)")
     if d.path is not None and Path(d.path).is_absolute():

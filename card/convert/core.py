@@ -53,6 +53,7 @@ class ConvertReport:
     max_abs_diff: float | None = None
     argmax_equal: bool | None = None
     seconds: float = 0.0
+    quantization: str | None = None  # a GGUF source's quantisation type (e.g. Q4_1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,16 +180,19 @@ def convert(
     overwrite: bool = False,
     verify: bool = True,
     tokenizer: str | None = None,
+    gguf_file: str | None = None,
 ) -> ConvertReport:
-    """Convert the causal LM at ``src`` (HF folder, hub id or llama2.c ``.bin``) into a CARD checkpoint at ``dst``.
+    """Convert the causal LM at ``src`` (HF folder, hub id, GGUF file or llama2.c ``.bin``) into a CARD checkpoint.
 
-    ``tokenizer`` is the SentencePiece model of a llama2.c checkpoint. Raises ``CardError`` with a one-line
+    ``tokenizer`` is the SentencePiece model of a llama2.c checkpoint; ``gguf_file`` names a GGUF file in the
+    folder or hub repository ``src``. A GGUF source is dequantised (``dtype`` "auto": float32) and verified
+    against the dequantised model. Raises ``CardError`` with a one-line
     message on bad input; ``dst`` is only ever created complete.
     """
     t0 = time.perf_counter()
     inputs = [src, tokenizer]
     dst = check_destination(dst, overwrite, inputs=inputs)
-    source: Source = load_source(str(src), dtype, tokenizer)
+    source: Source = load_source(str(src), dtype, tokenizer, gguf_file)
     model, tok = source.model, source.tokenizer
     if mask_token is not None:  # refuse a bad --mask-token before anything is written
         check_mask_token(tok, mask_token, special_token_roles(tok, model))
@@ -210,7 +214,7 @@ def convert(
             mask_token_id=mask_id,
             original_vocab_size=rows_before,
             vocab_size=rows_after,
-            source={"name": source.name, "format": source.format},
+            source={"name": source.name, "format": source.format, **source.details},
             doc_separator="bos" if source.format == "llama2c" else "eos",
         )
         gen = model.generation_config
@@ -227,7 +231,7 @@ def convert(
             params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).removeprefix("torch."),
             mask_token=mask, mask_token_id=mask_id, mask_token_added=added,
             vocab_before=rows_before, vocab_after=rows_after, tokenizer_before=tok_before, tokenizer_after=len(tok),
-            source_sha256=meta.source["sha256"],
+            source_sha256=meta.source["sha256"], quantization=source.details.get("quantization"),
         )
         if verify:
             del model

@@ -43,10 +43,13 @@ from tqdm import tqdm
 
 from card.checkpoint import check_checkpoint_path
 from card.errors import CardError
+from card.eval import lm_eval_compat
 from card.eval.decoding import DecodingSpec, decode_spec
+from card.quiet import progress_disabled
 from card.metadata import read_metadata
 
 logger = logging.getLogger(__name__)
+lm_eval_compat.install()  # no "fatal: not a git repository" from lm-eval outside a git checkout
 
 
 @contextlib.contextmanager
@@ -109,11 +112,15 @@ class CardLM(HFLM):
         self._batches = 0
 
     # ------------------------------------------------------------------------------------ likelihoods
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """HFLM's; its progress bar only on a terminal (``card.quiet``)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or progress_disabled())
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """HFLM's, with the document encoded without special tokens (its windows already start with BOS)."""
         self._rolling = True
         try:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or progress_disabled())
         finally:
             self._rolling = False
 
@@ -136,7 +143,8 @@ class CardLM(HFLM):
             for start in range(0, len(cont), self.max_length):  # key None: HFLM must not cache a chunk as the whole
                 parts.append((None, ctx + cont[:start], cont[start:start + self.max_length]))
                 owner.append(i)
-        scores = super()._loglikelihood_tokens(parts, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        scores = super()._loglikelihood_tokens(parts, disable_tqdm=disable_tqdm or progress_disabled(),
+                                               override_bs=override_bs)
         totals = [(0.0, True)] * len(requests)
         for i, (logprob, greedy) in zip(owner, scores, strict=True):
             totals[i] = (totals[i][0] + logprob, totals[i][1] and greedy)
@@ -195,7 +203,7 @@ class CardLM(HFLM):
             key = (req.task_name or "", json.dumps(req.args[1], sort_keys=True, default=str))
             groups.setdefault(key, []).append(i)
         results: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0 or progress_disabled(),
                    desc=f"Running generate_until requests ({self.decoding})")
         for (task, _), indices in groups.items():
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)

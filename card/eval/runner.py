@@ -299,12 +299,17 @@ def evaluate(
     device: str = "cpu",
     bootstrap_iters: int = 100000,
     command: str | None = None,
+    apply_chat_template: bool = False,
+    fewshot_as_multiturn: bool = False,
 ) -> Results:
     """Evaluate ``ckpt`` on ``tasks`` in every mode (and ``baseline`` in AR); return the results document.
 
     ``tasks`` and ``modes`` are comma-separated strings or lists. Modes: ``ar``, ``lossless``, ``parallel``
     (the checkpoint's threshold) and ``parallel@T``; ``block_size`` applies to parallel and lossless (None or
-    ``"auto"``: masks per forward chosen from the measured cost, up to the checkpoint's K; an integer: fixed K). ``seed`` seeds Python, numpy, torch, lm-eval's few-shot sampler and sampled decoding.
+    ``"auto"``: masks per forward chosen from the measured cost, up to the checkpoint's K; an integer: fixed K).
+    ``seed`` seeds Python, numpy, torch, lm-eval's few-shot sampler and sampled decoding.
+    ``apply_chat_template`` / ``fewshot_as_multiturn`` are lm-eval's own options (prompts rendered with the
+    tokenizer's chat template; few-shot examples as earlier turns).
     With ``out``, writes results.json, report.md, report.html and samples.jsonl there. ``command`` is the
     command line recorded in the settings. Raises ``CardError`` for bad input before any model is loaded.
     """
@@ -319,6 +324,8 @@ def evaluate(
     _check_int("batch size", batch_size, 1)
     _check_int("seed", seed, 0)
     _check_int("bootstrap_iters", bootstrap_iters, 0)
+    if fewshot_as_multiturn and not apply_chat_template:
+        raise CardError("--fewshot-as-multiturn needs --apply-chat-template")
     resolve_dtype(dtype)
     _check_device(device)
     if include_path is None:
@@ -349,10 +356,15 @@ def evaluate(
     from card.checkpoint import load_checkpoint
 
     eval_kwargs = dict(limit=limit, num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
-                       torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
+                       torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters,
+                       apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn)
     lm_info: dict[str, Any] = {}
     started = time.perf_counter()
     ck = load_checkpoint(ckpt, dtype=dtype, device=device, require_card=needs_card)
+    if apply_chat_template:
+        from card.chat import check_chat_template
+
+        check_chat_template(ck.tokenizer, f"{ckpt}'s tokenizer")
     model = model_record(ck)
     runs = _run_model(ck, plans, gen_tasks, other_tasks, tm, lm_info, eval_kwargs, seed, batch_size)
     del ck
@@ -377,6 +389,7 @@ def evaluate(
                                             "sampling": seed},
         "include_paths": [str(BUNDLED_TASKS), *(str(p.resolve()) for p in includes)], "device": device,
         "dtype": dtype, "bootstrap_iters": bootstrap_iters, "command": command,
+        "apply_chat_template": apply_chat_template, "fewshot_as_multiturn": fewshot_as_multiturn,
     }
     results = Results(
         model=model, runs=[r for r, _ in runs], baseline=base,
