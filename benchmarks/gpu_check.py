@@ -104,7 +104,7 @@ def decode_modes(ckpt: str, s: dict) -> list[dict]:
         ar = None
         for label, mode, extra in MODES:
             if mode != "ar":
-                extra = {**extra, "block_size": ck.meta.decoding.block_size, "mask_id": ck.meta.mask_token_id}
+                extra = {**extra, "block_size": "auto", "mask_id": ck.meta.mask_token_id}  # the product default
             if s["device"] == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

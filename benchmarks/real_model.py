@@ -150,7 +150,7 @@ def phase_generate(ck, prompts, eos, max_new: int, repeats: int) -> dict:
             "ar_over_generate": (n["ar"] / med["ar"]) / (n["generate"] / med["generate"])}
 
 
-def phase_modes(ck, prompts, eos, max_new: int, block_size: int, repeats: int) -> list[dict]:
+def phase_modes(ck, prompts, eos, max_new: int, block_size: int | str, repeats: int) -> list[dict]:
     from card.eval.decoding import decode
 
     results, times = {}, {label: [] for label, _, _ in MODES}
@@ -268,7 +268,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--gsm8k-limit", type=int, default=100, help="GSM8K docs (0: skip)")
     ap.add_argument("--prompts", type=int, default=16, help="GSM8K test questions for the decoding phases")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=8)
+    ap.add_argument("--block-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="masks per forward: auto (chosen from the measured cost, the default) or a fixed K")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--adapt-minutes", type=float, default=0.0)
     ap.add_argument("--adapt-seq-len", type=int, default=256)

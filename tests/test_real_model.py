@@ -190,8 +190,8 @@ def test_lm_eval_card_model_equals_hf_backend(smol_card, tm, chat, two_threads):
             assert card["results"][task][metric] == hf["results"][task][metric]
     if chat:  # card eval passes the flag through to lm-eval: the same scores as the direct run
         res = evaluate(path, "card_piqa", "ar", limit=LIMIT, apply_chat_template=True, bootstrap_iters=0)
-        assert res["settings"]["apply_chat_template"] is True
-        assert res["runs"][0]["scores"]["card_piqa"]["acc,none"] == card["results"]["card_piqa"]["acc,none"]
+        assert res.settings["apply_chat_template"] is True
+        assert res.runs[0].scores["card_piqa"]["acc,none"] == card["results"]["card_piqa"]["acc,none"]
 
 
 def test_card_lm_eval_finds_bundled_tasks_quietly_outside_git(smol_card, tmp_path):
