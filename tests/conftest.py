@@ -60,3 +60,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def private_cost_cache(tmp_path_factory):
+    """A private cost-model cache (automatic lookahead measures c(B, q)): tests neither read nor write the user's.
+
+    Module-scoped rather than session-wide: the real-model tests find SmolLM2 under the user's CARD_CACHE_DIR.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CARD_CACHE_DIR", str(tmp_path_factory.mktemp("card-cache")))
+    yield
+    mp.undo()

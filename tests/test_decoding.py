@@ -23,7 +23,7 @@ from card.errors import CardError
 from card.eval import Request, decode, decode_ar, decode_lossless, decode_parallel, generate
 from tests import factory
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cost_cache")
 
 TINY_PROMPTS = ["Once upon a time", "Tom had a red ball. He threw", "12 + 35 =", "The sun"]
 STORY_PROMPTS = ["Once upon a time", "Tom and Mia went to the park. They saw", "One day, a little dog", "Lily"]
@@ -31,14 +31,6 @@ TINY_THRESHOLD = 0.05  # on the unadapted tiny models this accepts 1 to 5 tokens
 
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cost_cache(tmp_path_factory):
-    """A private cost-model cache (automatic lookahead measures c(B, q)): tests do not write the user's."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CARD_CACHE_DIR", str(tmp_path_factory.mktemp("card-cache")))
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="session")

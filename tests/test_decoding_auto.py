@@ -31,16 +31,7 @@ from card.eval.decoding.planner import (
 )
 from card.eval.decoding.proposers import NgramIndex
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cost_cache(tmp_path_factory):
-    """A private cost cache: tests neither read nor write the user's."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CARD_CACHE_DIR", str(tmp_path_factory.mktemp("card-cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cost_cache")
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 from card.checkpoint import check_checkpoint_path, resolve_dtype
 from card.errors import CardError
 from card.eval.decoding import DecodingSpec, parse_block_size, parse_modes
+from card.eval.decoding.cost import cpu_model
 from card.eval.results import DecodeTotals, ModelRecord, Results, Run, RunDecode
 
 BUNDLED_TASKS = Path(__file__).resolve().parent / "tasks"
@@ -165,16 +166,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     """Hardware and software the numbers were measured on."""
     import torch
@@ -182,7 +173,7 @@ def environment() -> dict[str, Any]:
     gpu = None
     if torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model(),
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "versions": {p: _version(p) for p in PACKAGES}}
 
