@@ -180,3 +180,13 @@ def test_header_round_trip():
     h = container.Header(b"w" * 16, b"t" * 16, "bytes", float(np.float32(0.33)), 512, 64, 9, 2, b"p" * 8, 10, 7,
                          b"c" * 16)
     assert container.unpack(container.pack(h, b"abcd")) == (h, b"abcd")
+
+
+def test_thread_count_is_recorded_and_replayed(codec):
+    data = " ".join(CORPUS).encode()
+    blob, stats = codec.compress(data, window=WINDOW, threads=2)
+    assert container.unpack(blob)[0].threads == 2 == stats.settings["threads"]
+    assert codec.compress(data, window=WINDOW)[1].settings["threads"] == 1  # the default: one thread
+    assert codec.decompress(blob)[0] == data
+    with pytest.raises(CardError, match="threads"):
+        codec.compress(data, threads=0)
