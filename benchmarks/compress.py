@@ -1,13 +1,15 @@
 """Lossless compression with CARD models (card compress) against gzip, bzip2, xz and zstd.
 
-    python -m benchmarks.compress [--model NAME=CKPT ...] [--slice NAME=BYTES ...] [--budgets 1,0.5,0.25]
+    python -m benchmarks.compress [--model NAME=CKPT ...] [--slice NAME=BYTES ...] [--budget-slice NAME=BYTES ...]
+                                  [--window NAME=TOKENS ...] [--no-stories260k] [--budgets 1,0.5,0.25]
                                   [--work DIR] [--out benchmarks/results] [--name compress]
 
 Texts: the held-out TinyStories text (the last 10% of the paragraphs, ``train[90%:]``, which no model here
 trained on; 83 KB) and the GSM8K test questions (one per line). Models: stories260K converted from the data
-folder (always), plus every ``--model NAME=CKPT`` (e.g. an adapted stories260K, SmolLM2-135M converted).
+folder (unless ``--no-stories260k``), plus every ``--model NAME=CKPT`` (e.g. an adapted stories260K, SmolLM2-135M converted).
 ``--slice NAME=BYTES`` codes only the first BYTES of each text with that model (large models are slow on
-CPU); the standard compressors are run on the same bytes for that row.
+CPU); ``--budget-slice NAME=BYTES`` the same for the budget modes only; ``--window NAME=TOKENS`` sets the
+coding window (default: card compress's). The standard compressors are run on every distinct slice.
 
 Budget modes plan with a slot profile measured on *training* text (the first 90% of the TinyStories
 paragraphs, ``card profile``), never on the texts being compressed; each checkpoint is copied into
@@ -81,29 +83,44 @@ def prepare(name: str, ckpt: Path, work: Path, train_txt: Path, rows: int) -> Pa
     return dst
 
 
-def run_model(name: str, ckpt: Path, data: dict[str, bytes], budgets: list[float], limit: int | None) -> list[dict]:
+def run_model(name: str, ckpt: Path, data: dict[str, bytes], budgets: list[float], limit: int | None,
+              budget_limit: int | None = None, window: int | None = None) -> list[dict]:
     from card.ardm.compress import Codec
 
     codec = Codec.load(ckpt)
     rows = []
     for text, full in data.items():
-        raw = full[:limit] if limit else full
-        for b in budgets:
-            blob, st = codec.compress(raw, budget=b)
-            out, back = codec.decompress(blob)
-            assert out == raw, f"{name} {text} budget {b}: round trip differs"
-            row = {"model": name, "text": text, "bytes": len(raw), "mode": "exact" if b >= 1 else f"budget {b:g}",
-                   "size": st.output_bytes, "bits_per_byte": st.bits_per_byte, "tokens": st.tokens,
-                   "forwards": st.forwards, "tokens_per_forward": st.tokens_per_forward, "token_mode": st.mode,
-                   "compress_kb_s": len(raw) / 1000 / st.seconds, "decompress_kb_s": len(raw) / 1000 / back.seconds,
-                   "window": st.settings["window"], "threads": st.settings["threads"]}
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-        for c in STANDARD:
-            size, secs = standard(c, raw)
-            rows.append({"model": c, "text": text, "bytes": len(raw), "mode": "-", "size": size,
-                         "bits_per_byte": 8 * size / len(raw), "compress_kb_s": len(raw) / 1000 / secs,
-                         "compare_with": name})
+        for lim, bs in _slices(budgets, limit, budget_limit):
+            rows += _code_text(codec, name, text, full[:lim] if lim else full, bs, window)
+    return rows
+
+
+def _slices(budgets: list[float], limit: int | None, budget_limit: int | None) -> list[tuple[int | None, list[float]]]:
+    exact = [b for b in budgets if b >= 1]
+    rest = [b for b in budgets if b < 1]
+    if budget_limit is None or budget_limit == limit:
+        return [(limit, budgets)]
+    return [(lim, bs) for lim, bs in ((limit, exact), (budget_limit, rest)) if bs]
+
+
+def _code_text(codec, name: str, text: str, raw: bytes, budgets: list[float], window: int | None) -> list[dict]:
+    rows = []
+    for b in budgets:
+        blob, st = codec.compress(raw, budget=b, window=window)
+        out, back = codec.decompress(blob)
+        assert out == raw, f"{name} {text} budget {b}: round trip differs"
+        row = {"model": name, "text": text, "bytes": len(raw), "mode": "exact" if b >= 1 else f"budget {b:g}",
+               "size": st.output_bytes, "bits_per_byte": st.bits_per_byte, "tokens": st.tokens,
+               "forwards": st.forwards, "tokens_per_forward": st.tokens_per_forward, "token_mode": st.mode,
+               "compress_kb_s": len(raw) / 1000 / st.seconds, "decompress_kb_s": len(raw) / 1000 / back.seconds,
+               "window": st.settings["window"], "threads": st.settings["threads"]}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    for c in STANDARD:
+        size, secs = standard(c, raw)
+        rows.append({"model": c, "text": text, "bytes": len(raw), "mode": "-", "size": size,
+                     "bits_per_byte": 8 * size / len(raw), "compress_kb_s": len(raw) / 1000 / secs,
+                     "compare_with": name})
     return rows
 
 
@@ -128,6 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[], help="NAME=CKPT, a CARD checkpoint (repeatable)")
     ap.add_argument("--slice", action="append", default=[], help="NAME=BYTES: code only the first BYTES per text")
+    ap.add_argument("--budget-slice", action="append", default=[], help="NAME=BYTES for the budget modes only")
+    ap.add_argument("--window", action="append", default=[], help="NAME=TOKENS: coding window for that model")
+    ap.add_argument("--no-stories260k", action="store_true", help="skip the converted stories260K")
     ap.add_argument("--profile-rows", action="append", default=[], help="NAME=ROWS of training text to profile on")
     ap.add_argument("--budgets", default="1,0.5,0.25")
     ap.add_argument("--work", default=None, help="scratch folder for the profiled checkpoint copies")
@@ -136,11 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     budgets = [float(x) for x in args.budgets.split(",")]
     slices = {k: int(v) for k, v in (s.split("=", 1) for s in args.slice)}
+    budget_slices = {k: int(v) for k, v in (s.split("=", 1) for s in args.budget_slice)}
+    windows = {k: int(v) for k, v in (s.split("=", 1) for s in args.window)}
     prof_rows = {k: int(v) for k, v in (s.split("=", 1) for s in args.profile_rows)}
     work = Path(args.work or tempfile.mkdtemp(prefix="card-compress-"))
     work.mkdir(parents=True, exist_ok=True)
     train_txt = training_text(work / "tinystories_train90.txt")
-    models = [("stories260K", None)] + [tuple(m.split("=", 1)) for m in args.model]
+    models = [] if args.no_stories260k else [("stories260K", None)]
+    models += [tuple(m.split("=", 1)) for m in args.model]
     data = texts()
     doc = {"command": "python -m benchmarks.compress " + " ".join(argv if argv is not None else sys.argv[1:]),
            "environment": environment(), "texts": {k: len(v) for k, v in data.items()}, "models": [], "rows": []}
@@ -154,8 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         meta = check_checkpoint_path(ckpt, require_card=True)
         doc["models"].append({"name": name, "source": str(src), "adaptation_steps": sum(a.get("steps", 0) for a in meta.adaptation),
-                              "profile_bits": meta.slot_profile["loss_bits"], "slice": slices.get(name)})
-        doc["rows"] += run_model(name, ckpt, data, budgets, slices.get(name))
+                              "profile_bits": meta.slot_profile["loss_bits"], "slice": slices.get(name),
+                              "budget_slice": budget_slices.get(name), "window": windows.get(name)})
+        doc["rows"] += run_model(name, ckpt, data, budgets, slices.get(name), budget_slices.get(name), windows.get(name))
         write_results(args.out, args.name, doc, markdown(doc))  # after each model: a slow last one loses nothing
     md = markdown(doc)
     print(md)

@@ -62,8 +62,8 @@ def test_round_trip_exact_and_budget(codec, data):
         blob, stats = codec.compress(data, budget=budget, window=WINDOW)
         out, back = codec.decompress(blob)
         assert out == data
-        assert back.forwards == stats.forwards == sum(steps_for_budget(T, budget, 1 if budget == 1 else 4) * len(s)
-                                                      for s, T in batches(stats.tokens, WINDOW, 64))
+        assert back.forwards == stats.forwards == sum(steps_for_budget(max(ls), budget, 1 if budget == 1 else 4)
+                                                      * len(ls) for _, ls in batches(stats.tokens, WINDOW, 64))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -87,8 +87,8 @@ def test_exact_mode_codes_the_models_likelihood(codec):
     mode, sym = codec.to_symbols(text)
     ids = codec.vocab_ids[sym]
     bits = 0.0
-    for s, T in batches(len(ids), WINDOW, 64):
-        for start in s:
+    for starts, lengths in batches(len(ids), WINDOW, 64):
+        for start, T in zip(starts, lengths):
             x = torch.tensor([codec.start_id, *ids[start:start + T]])
             with torch.no_grad():
                 logits = codec.model(input_ids=x[None]).logits[0, :-1][:, torch.as_tensor(codec.vocab_ids)]
@@ -169,12 +169,24 @@ def test_cli_round_trip_with_summary(ckpt, tmp_path):
 @given(st.integers(0, 200), st.integers(1, 40), st.integers(1, 8))
 def test_windows_cover_the_stream_in_order(n, window, batch):
     b = batches(n, window, batch)
-    spans = [(s, T) for starts, T in b for s in starts]
-    assert [s for s, _ in spans] == list(range(0, n, window))
-    assert sum(T for _, T in spans) == n and all(len(starts) <= batch for starts, _ in b)
+    spans = [(s, T) for starts, lengths in b for s, T in zip(starts, lengths)]
+    assert len(spans) == -(-n // window) and all(len(starts) <= batch for starts, _ in b)
+    assert [s for s, _ in spans] == [sum(T for _, T in spans[:i]) for i in range(len(spans))]  # contiguous
+    assert sum(T for _, T in spans) == n and all(0 < T <= window for _, T in spans)
+    assert not spans or max(T for _, T in spans) - min(T for _, T in spans) <= 1  # balanced: no tiny last window
 
 
 def test_header_round_trip():
     h = container.Header(b"w" * 16, b"t" * 16, "bytes", float(np.float32(0.33)), 512, 64, 9, 2, b"p" * 8, 10, 7,
                          b"c" * 16)
     assert container.unpack(container.pack(h, b"abcd")) == (h, b"abcd")
+
+
+def test_thread_count_is_recorded_and_replayed(codec):
+    data = " ".join(CORPUS).encode()
+    blob, stats = codec.compress(data, window=WINDOW, threads=2)
+    assert container.unpack(blob)[0].threads == 2 == stats.settings["threads"]
+    assert codec.compress(data, window=WINDOW)[1].settings["threads"] == 1  # the default: one thread
+    assert codec.decompress(blob)[0] == data
+    with pytest.raises(CardError, match="threads"):
+        codec.compress(data, threads=0)

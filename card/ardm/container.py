@@ -2,13 +2,13 @@
 
     offset  size  field
     0       5     magic b"CARDZ"
-    5       1     format version (1)
+    5       1     format version (2: balanced, batched windows)
     6       16    weights hash (first 16 bytes of the sha256 of the state dict, ``card.io.state_dict_sha256``)
     22      16    tokenizer hash (first 16 bytes of a sha256 over the tokenizer's vocabulary and pipeline)
     38      1     token mode: 0 text (the tokenizer's own tokens), 1 bytes (one byte token per byte)
     39      4     budget: forwards per token, float32 (1.0 = exact AR)
     43      4     window: data tokens per window (each window restarts from a BOS-only context)
-    47      4     batch: windows of equal length run side by side in one forward
+    47      4     batch: windows run side by side in one forward
     51      1     slots used by the plan (K+1; 1 in exact mode)
     52      1     CPU threads of the forwards (float results depend on it; the decoder uses the same)
     53      8     profile hash (first 8 bytes of the sha256 of the slot profile that planned; zeros if exact)
@@ -33,7 +33,7 @@ from dataclasses import astuple, dataclass
 from card.errors import CardError
 
 MAGIC = b"CARDZ"
-VERSION = 1
+VERSION = 2
 MODES = ("text", "bytes")
 _FMT = "<5sB16s16sBfIIBB8sQQ16sQI"
 _HEAD = struct.calcsize(_FMT)  # 105
