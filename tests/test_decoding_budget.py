@@ -1,0 +1,124 @@
+"""Budget decoding: the tokens per forward planned by ARDM's DP over the checkpoint's slot profile.
+
+``budget@1`` must equal greedy AR token for token; at F < 1 every forward commits exactly its planned group,
+so the forward count is the plan's number of groups (about F x tokens) when nothing stops the prompt early.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from card.ardm.plan import plan_groups
+from card.checkpoint import load_checkpoint
+from card.convert import convert
+from card.errors import CardError
+from card.eval.decoding import DecodingSpec, decode_ar, decode_spec, generate, parse_modes
+from card.profile import measure_slot_profile, text_rows, write_slot_profile
+from tests.factory import CORPUS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+K = 3  # profile slots K + 1 = 4: budget@0.5 is feasible (needs >= 1/4 forwards per token)
+T = 24
+PROMPTS = ["the cat sat on", "a dog ran"]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_ckpt, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("budget-plain") / "card"
+    convert(str(tiny_ckpt("llama")), dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def profiled(plain, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("budget-prof") / "card"
+    shutil.copytree(plain, dst)  # one conversion per module; the profile is written into the copy
+    ck = load_checkpoint(dst, dtype="float32")
+    rows = text_rows(ck.tokenizer, " ".join(CORPUS * 2), 24, 8)
+    write_slot_profile(dst, measure_slot_profile(ck.model, rows, K, [0, 4, 12]))
+    return load_checkpoint(dst, dtype="float32", require_card=True)
+
+
+def _budget(ck, prompts, f, **kw):
+    return generate(ck, prompts, f"budget@{f}", max_new_tokens=T, eos_token_ids=[], **kw)
+
+
+# ------------------------------------------------------------------------------------------ spec
+def test_spec_parses_budget_and_refuses_bad_ones():
+    s = DecodingSpec.parse("budget@0.5")
+    assert (s.mode, s.budget, s.text) == ("budget", 0.5, "budget@0.5")
+    assert DecodingSpec.parse("budget", budget=0.25).budget == 0.25
+    assert DecodingSpec.parse("budget@0.5", budget=0.5).budget == 0.5
+    assert s.settings()["budget"] == 0.5 and s.lm_eval_settings() == {"decoding": "budget", "budget": 0.5}
+    assert [m.text for m in parse_modes("ar,budget@0.5")] == ["ar", "budget@0.5"]
+    for bad in ("budget", "budget@0", "budget@1.5", "budget@-1", "budget@x", "ar@0.5"):
+        with pytest.raises(CardError) as e:
+            DecodingSpec.parse(bad)
+        assert "\n" not in str(e.value)
+    for kw in ({"budget": 0.5},):
+        with pytest.raises(CardError, match="budget decoding only"):
+            DecodingSpec("parallel", **kw)
+        with pytest.raises(CardError, match="budget decoding only"):
+            DecodingSpec.parse("ar", **kw)
+    with pytest.raises(CardError, match="two budgets"):
+        DecodingSpec.parse("budget@0.5", budget=0.25)
+
+
+def test_no_profile_is_refused_in_one_line(plain):
+    ck = load_checkpoint(plain, dtype="float32", require_card=True)
+    assert ck.meta.slot_profile is None
+    with pytest.raises(CardError) as e:
+        generate(ck, PROMPTS[0], "budget@0.5", max_new_tokens=4)
+    msg = str(e.value)
+    assert "\n" not in msg and "card profile CKPT --data FILE --write" in msg
+    with pytest.raises(CardError, match="card profile CKPT"):
+        decode_spec(ck.model, ck.tokenizer, PROMPTS[0], "budget@0.5", max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def test_budget_one_is_greedy_ar(profiled):
+    ar = decode_ar(profiled.model, profiled.tokenizer, PROMPTS, max_new_tokens=T, eos_token_ids=[], batch_size=1)
+    for batch in (1, None):
+        out = _budget(profiled, PROMPTS, 1, batch_size=batch)
+        assert [o.token_ids for o in out] == [a.token_ids for a in ar]
+        assert [o.forwards for o in out] == [a.forwards for a in ar] == [T, T]
+
+
+@pytest.mark.parametrize("f", [0.5, 0.3])
+def test_forwards_follow_the_plan(profiled, f):
+    profile = profiled.meta.slot_profile
+    for batch in (1, None):
+        out = _budget(profiled, PROMPTS, f, batch_size=batch)
+        for o in out:
+            plan = plan_groups(profile, T, f, len(o.prompt_ids))
+            assert o.new_tokens == T and o.finish_reason == "length"
+            assert [len(s) for s in o.steps] == plan
+            assert o.forwards == len(plan) == math.ceil(f * T)
+            assert o.settings["mode"] == "budget" and o.lookahead["policy"] == "budget"
+
+
+@torch.no_grad()
+def test_each_forward_commits_slot_one_then_the_masks_choices(profiled):
+    """Forward i on committed context c commits argmax of model(c + [M] * (g_i - 1)) at its last g_i positions."""
+    model, meta = profiled.model, profiled.meta
+    suppress = torch.tensor(meta.suppressed_token_ids)
+    for o in _budget(profiled, PROMPTS, 0.5, batch_size=1):
+        start = 0
+        for step in o.steps:
+            ctx = o.prompt_ids + o.token_ids[:start]
+            ids = torch.tensor([ctx + [meta.mask_token_id] * (len(step) - 1)])
+            logits = model(input_ids=ids).logits[0, -len(step):].float()
+            logits[:, suppress] = float("-inf")
+            assert logits.argmax(-1).tolist() == step
+            start += len(step)
+
+
+def test_batch_does_not_change_a_rows_tokens(profiled):
+    alone = _budget(profiled, PROMPTS, 0.5, batch_size=1)
+    together = _budget(profiled, PROMPTS, 0.5)
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
