@@ -122,3 +122,25 @@ def test_batch_does_not_change_a_rows_tokens(profiled):
     alone = _budget(profiled, PROMPTS, 0.5, batch_size=1)
     together = _budget(profiled, PROMPTS, 0.5)
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_generate_budget(profiled, plain):
+    import json
+
+    from typer.testing import CliRunner
+
+    from card.cli import app
+
+    ckpt = str(profiled.path)
+    runs = [CliRunner().invoke(app, ["generate", ckpt, PROMPTS[0], *how, "--max-new-tokens", "8", "--json"])
+            for how in (["--decoding", "budget", "--budget", "0.5"], ["--decoding", "budget@0.5"])]
+    for r in runs:
+        assert r.exit_code == 0, r.output
+    a, b = (json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{"))) for r in runs)
+    assert a["token_ids"] == b["token_ids"] and a["settings"]["budget"] == 0.5
+    if a["finish_reason"] == "length":
+        assert a["forwards"] == len(plan_groups(profiled.meta.slot_profile, 8, 0.5, len(a["prompt_ids"])))
+    r = CliRunner().invoke(app, ["generate", str(plain), PROMPTS[0], "--decoding", "budget@0.5"])
+    assert r.exit_code != 0 and "card profile CKPT --data FILE --write" in r.output
+    assert len(r.output.strip().splitlines()) == 1
