@@ -144,3 +144,29 @@ def test_cli_generate_budget(profiled, plain):
     r = CliRunner().invoke(app, ["generate", str(plain), PROMPTS[0], "--decoding", "budget@0.5"])
     assert r.exit_code != 0 and "card profile CKPT --data FILE --write" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ eval
+def test_eval_plans_budget_runs_and_refuses_without_profile(profiled, plain):
+    from card.eval.lm_model import CardLM
+    from card.eval.runner import plan_runs
+    from card.metadata import read_metadata
+
+    plans = plan_runs(parse_modes("budget@0.5"), profiled.meta, 4)
+    assert [p.label for p in plans] == ["ar", "budget@0.5"] and plans[1].spec.budget == 0.5
+    with pytest.raises(CardError, match="card profile CKPT --data FILE --write"):
+        plan_runs(parse_modes("budget@0.5"), load_checkpoint(plain, dtype="float32").meta, None)
+    lm = CardLM(profiled.model, tokenizer=profiled.tokenizer, decoding=plans[1].spec, batch_size=2)
+    assert lm.spec.text == "budget@0.5" and read_metadata(profiled.model.config).slot_profile is not None
+    assert lm.decoding_settings == {"decoding": "budget", "budget": 0.5}
+    from lm_eval.api.instance import Instance
+
+    reqs = [Instance("generate_until", {}, (p, {"until": ["zzz"], "max_gen_toks": 8}), i, ("t", i, 1))
+            for i, p in enumerate(PROMPTS)]
+    lm.generate_until(reqs)
+    log = lm.pop_decode_log()
+    assert len(log) == 2
+    for e in log:
+        if e["finish_reason"] == "length":  # the plan ran to its end
+            assert e["forwards"] == len(plan_groups(profiled.meta.slot_profile, 8, 0.5, e["prompt_tokens"]))
+        assert e["forwards"] <= e["new_tokens"]
