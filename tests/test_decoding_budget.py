@@ -16,7 +16,7 @@ from card.ardm.plan import plan_groups
 from card.checkpoint import load_checkpoint
 from card.convert import convert
 from card.errors import CardError
-from card.eval.decoding import DecodingSpec, decode_ar, decode_spec, generate, parse_modes
+from card.eval.decoding import DecodingSpec, decode, decode_ar, decode_spec, generate, parse_modes
 from card.profile import measure_slot_profile, text_rows, write_slot_profile
 from tests.factory import CORPUS
 
@@ -87,6 +87,9 @@ def test_budget_one_is_greedy_ar(profiled):
         out = _budget(profiled, PROMPTS, 1, batch_size=batch)
         assert [o.token_ids for o in out] == [a.token_ids for a in ar]
         assert [o.forwards for o in out] == [a.forwards for a in ar] == [T, T]
+    via_decode = decode("budget", profiled.model, profiled.tokenizer, PROMPTS, budget=1, max_new_tokens=T,
+                        eos_token_ids=[], batch_size=1)
+    assert [o.token_ids for o in via_decode] == [a.token_ids for a in ar]
 
 
 @pytest.mark.parametrize("f", [0.5, 0.3])

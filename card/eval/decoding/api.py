@@ -188,6 +188,11 @@ def decode(mode: str | DecodingSpec, model, tokenizer, prompts, **settings) -> l
     if isinstance(mode, DecodingSpec):
         return decode_spec(model, tokenizer, prompts, mode, **settings)
     name = str(mode).partition("@")[0]
+    if name == "budget":  # no per-mode wrapper: its settings are the spec's
+        call_keys = set(inspect.signature(decode_spec).parameters) - {"model", "tokenizer", "prompts", "spec"}
+        spec_kw = {k: v for k, v in settings.items() if k not in call_keys}
+        call = {k: v for k, v in settings.items() if k in call_keys}
+        return decode_spec(model, tokenizer, prompts, DecodingSpec.parse(mode, **spec_kw), **call)
     fn = _BY_MODE.get(name)
     if fn is None:
         raise CardError(f"decoding mode must be one of {', '.join(MODES)}, not {mode!r}")
