@@ -218,7 +218,8 @@ def eval_command(
     tasks: str = typer.Option(..., help="comma-separated lm-eval tasks, e.g. card_piqa,card_gsm8k,card_tinystories_ppl"),
     include_path: Optional[list[str]] = typer.Option(None, "--include-path", help="folder of extra task YAMLs (repeatable)"),
     modes: str = typer.Option("ar,parallel@0.9,parallel@0.7,lossless", help="comma-separated: ar, lossless, parallel "
-                              "(checkpoint's threshold), parallel@T (T in (0, 1]), budget@F (F forwards per token, needs a slot profile)"),
+                              "(checkpoint's threshold), parallel@T (T in (0, 1]), budget@F (F forwards per "
+                              "token, needs a slot profile)"),
     baseline: Optional[str] = typer.Option(None, help="unconverted source checkpoint, evaluated in AR mode too"),
     limit: Optional[float] = typer.Option(None, help="documents per task (or a fraction < 1)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),

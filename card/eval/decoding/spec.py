@@ -115,7 +115,8 @@ class DecodingSpec:
             try:
                 number = float(value)
             except ValueError:
-                what = "a threshold (use e.g. parallel@0.7)" if name == "parallel" else "a budget (use e.g. budget@0.5)"
+                what = ("a threshold (use e.g. parallel@0.7)" if name == "parallel"
+                        else "a budget (use e.g. budget@0.5)")
                 raise CardError(f"unknown mode {item!r}: {value!r} is not {what}") from None
         if name == "budget":
             budget = overrides.pop("budget", None)
