@@ -100,7 +100,9 @@ STEP_STYLES = ("bold cyan", "bold magenta")  # alternate per forward: tokens of 
 def generate_command(
     ckpt: str = typer.Argument(..., help="checkpoint directory (CARD, or plain AR for --decoding ar)"),
     prompt: str = typer.Argument(..., help="prompt text"),
-    decoding: str = typer.Option("ar", help="ar|parallel|lossless, or parallel@T"),
+    decoding: str = typer.Option("ar", help="ar|parallel|lossless|budget, or parallel@T, budget@F"),
+    budget: Optional[float] = typer.Option(None, help="budget: forwards per token in (0, 1], planned over the "
+                                           "checkpoint's slot profile"),
     threshold: Optional[float] = typer.Option(None, help="parallel: confidence threshold (default: checkpoint's)"),
     block_size: str = typer.Option("auto", help="parallel/lossless: 'auto' (masks per forward chosen from the "
                                    "measured cost, up to the checkpoint's K) or a fixed K"),
@@ -123,7 +125,7 @@ def generate_command(
     from card.eval.decoding import DecodingSpec, check_max_new_tokens, generate
 
     check_max_new_tokens(max_new_tokens)
-    spec = DecodingSpec.parse(decoding, threshold=threshold, block_size=block_size, drafts=drafts,
+    spec = DecodingSpec.parse(decoding, threshold=threshold, block_size=block_size, drafts=drafts, budget=budget,
                               temperature=temperature if temperature else None, top_p=top_p, seed=seed)
     if system is not None and not chat:
         raise CardError("--system needs --chat")
@@ -216,7 +218,8 @@ def eval_command(
     tasks: str = typer.Option(..., help="comma-separated lm-eval tasks, e.g. card_piqa,card_gsm8k,card_tinystories_ppl"),
     include_path: Optional[list[str]] = typer.Option(None, "--include-path", help="folder of extra task YAMLs (repeatable)"),
     modes: str = typer.Option("ar,parallel@0.9,parallel@0.7,lossless", help="comma-separated: ar, lossless, parallel "
-                              "(checkpoint's threshold), parallel@T (T in (0, 1])"),
+                              "(checkpoint's threshold), parallel@T (T in (0, 1]), budget@F (F forwards per "
+                              "token, needs a slot profile)"),
     baseline: Optional[str] = typer.Option(None, help="unconverted source checkpoint, evaluated in AR mode too"),
     limit: Optional[float] = typer.Option(None, help="documents per task (or a fraction < 1)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples (default: the task's)"),

@@ -83,8 +83,10 @@ def plan_runs(specs: list[DecodingSpec], meta, block_size: int | str | None) -> 
     k, lookahead = parse_block_size(block_size)
     plans: list[RunPlan] = []
     for s in specs:
+        if s.mode in ("parallel", "lossless"):
+            s = s.with_(block_size=k, lookahead=lookahead)
         if s.mode != "ar":
-            s = s.with_(block_size=k, lookahead=lookahead).resolve(meta)
+            s = s.resolve(meta)  # budget: refused here, before any run, when the checkpoint has no profile
         plan = RunPlan(s.label(name_block_size=lookahead == "fixed"), "card", s)
         if plan not in plans:
             plans.append(plan)

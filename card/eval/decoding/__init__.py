@@ -10,6 +10,8 @@ by confidence, or by exact verification; ``acceptors``). ``spec.DecodingSpec`` h
   accepted: it is the exact AR prediction) and slot j+1 from mask j, accept by confidence, crop the KV cache.
 * ``decode_lossless``: verify drafts (the previous step's mask predictions, or prompt-lookup n-gram
   continuations) with the exact AR logits in the same forward; the output is identical to greedy AR.
+* ``budget@F``: per forward, exactly the number of tokens planned by ARDM's DP over the checkpoint's slot
+  profile for F forwards per token (``BudgetProposer`` + ``CountAcceptor``); ``budget@1`` is greedy AR.
 
 ``decode(mode, ...)`` dispatches on a mode name, ``decode_spec(..., spec)`` runs a ``DecodingSpec`` and
 ``generate(checkpoint, ...)`` adds the checkpoint's CARD defaults. Every call returns one ``DecodeResult``

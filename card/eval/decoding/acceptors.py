@@ -89,3 +89,20 @@ class VerifyAcceptor:
                 ok += 1
             out.append(Outcome(drafts[:ok] + [ar[ok]], ok, d, ok, masks if ok == d else None))
         return out
+
+
+class CountAcceptor:
+    """Budget decoding: commit exactly the planned number of slots per row (``BudgetProposal.commit``).
+
+    Slot 1 is the exact AR choice, slots 2..k the masks' choices (greedy, or sampled as in ``choose``), with
+    no confidence test: the plan already decided how many tokens this forward pays for.
+    """
+
+    def __init__(self, spec, slots: int) -> None:
+        self.spec = spec
+        self.draws = slots  # a fixed number per forward, so a row's random stream does not depend on its plan
+
+    def accept(self, logits: torch.Tensor, rows, proposal) -> list[Outcome]:
+        tok, _ = choose(logits, self.spec, rows, need_confidence=False, draws=self.draws)
+        tok = tok.tolist()
+        return [Outcome(tok[b][:k], 0, proposal.masks, k - 1) for b, k in enumerate(proposal.commit)]

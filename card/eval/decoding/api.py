@@ -9,7 +9,7 @@ from typing import Sequence
 import transformers as tf
 
 from card.errors import CardError
-from card.eval.decoding.acceptors import ConfidenceAcceptor, VerifyAcceptor
+from card.eval.decoding.acceptors import ConfidenceAcceptor, CountAcceptor, VerifyAcceptor
 from card.eval.decoding.cost import CostModel
 from card.eval.decoding.engine import (
     DecodeResult,
@@ -23,7 +23,7 @@ from card.eval.decoding.engine import (
     run_batch,
 )
 from card.eval.decoding.planner import Lookahead, SlotStats, card_config, slot_prior, warn_untrained
-from card.eval.decoding.proposers import DraftProposer, MaskProposer
+from card.eval.decoding.proposers import BudgetProposer, DraftProposer, MaskProposer
 from card.eval.decoding.spec import DEFAULT_MAX_NEW_TOKENS, MODES, DecodingSpec
 from card.metadata import DecodingDefaults, read_metadata
 
@@ -68,7 +68,7 @@ def decode_spec(
     seed = spec.seed if spec.temperature > 0 else None
     rows = make_rows(model, tokenizer, normalise(prompts), seed, max_new_tokens, stop_strings)
     size = batch_size or max(1, len(rows))
-    auto = spec.mode != "ar" and spec.lookahead == "auto" and spec.block_size > 0
+    auto = spec.mode in ("parallel", "lossless") and spec.lookahead == "auto" and spec.block_size > 0
     cost = CostModel.for_model(model) if auto else None
     prior, prior_source = slot_prior(card_config(model), spec.block_size or 0)
     results = []
@@ -76,7 +76,7 @@ def decode_spec(
         batch = rows[start:start + size]
         if cost is not None:
             cost.table(len(batch))  # measure (once per model and device) outside the timed decode
-        proposer, acceptor = _mode(spec, cost, prior, auto)
+        proposer, acceptor = _mode(spec, cost, prior, auto, meta)
         run_batch(model, tokenizer, batch, proposer, acceptor, mask_id, eos, suppress, on_step)
         look = _lookahead_record(spec, cost, len(batch), prior_source, auto)
         settings = {**spec.settings(), "batch_size": len(batch),
@@ -104,11 +104,14 @@ def _resolve(spec: DecodingSpec, meta) -> DecodingSpec:
     return spec.resolve(meta if meta is not None else SimpleNamespace(decoding=DecodingDefaults()))
 
 
-def _mode(spec: DecodingSpec, cost, prior, auto: bool):
+def _mode(spec: DecodingSpec, cost, prior, auto: bool, meta=None):
     """The (proposer, acceptor) pair of a mode; fresh per batch (their estimates start from the prior)."""
     k = spec.block_size or 0
     if spec.mode == "ar":
         return MaskProposer(None, None), ConfidenceAcceptor(spec)
+    if spec.mode == "budget":
+        profile = meta.slot_profile  # present: ``resolve`` refused a checkpoint without one
+        return BudgetProposer(profile, spec.budget), CountAcceptor(spec, int(profile["slots"]))
     stats = SlotStats(prior)
     look = Lookahead(spec.mode, k, auto, cost, stats)
     if spec.mode == "parallel":
@@ -119,6 +122,8 @@ def _mode(spec: DecodingSpec, cost, prior, auto: bool):
 def _lookahead_record(spec: DecodingSpec, cost, batch: int, prior_source: str, auto: bool) -> dict:
     if spec.mode == "ar":
         return {"policy": "none"}
+    if spec.mode == "budget":
+        return {"policy": "budget", "budget": spec.budget}
     rec = {"policy": spec.lookahead, "max": spec.block_size, "prior": prior_source}
     if cost is not None and spec.block_size:
         rec["cost"] = cost.summary(batch, spec.block_size)
@@ -183,6 +188,11 @@ def decode(mode: str | DecodingSpec, model, tokenizer, prompts, **settings) -> l
     if isinstance(mode, DecodingSpec):
         return decode_spec(model, tokenizer, prompts, mode, **settings)
     name = str(mode).partition("@")[0]
+    if name == "budget":  # no per-mode wrapper: its settings are the spec's
+        call_keys = set(inspect.signature(decode_spec).parameters) - {"model", "tokenizer", "prompts", "spec"}
+        spec_kw = {k: v for k, v in settings.items() if k not in call_keys}
+        call = {k: v for k, v in settings.items() if k in call_keys}
+        return decode_spec(model, tokenizer, prompts, DecodingSpec.parse(mode, **spec_kw), **call)
     fn = _BY_MODE.get(name)
     if fn is None:
         raise CardError(f"decoding mode must be one of {', '.join(MODES)}, not {mode!r}")

@@ -193,3 +193,37 @@ class DraftProposer:
         self.mask_stats.forget()
         for s in self.ngram_stats:
             s.forget()
+
+
+@dataclass
+class BudgetProposal(Proposal):
+    commit: list[int] = field(default_factory=list)  # per row: exactly how many slots this forward commits
+
+
+class BudgetProposer:
+    """Budget decoding: per row, the forwards' group sizes planned up front by ARDM's DP, k - 1 masks each.
+
+    A row with prompt length p and at most T new tokens gets ``plan_groups(profile, T, budget, p)``: group
+    sizes g_1..g_n (n = ceil(budget * T) forwards, within what the profile's slots allow) minimising the
+    expected bits sum_i sum_{j<=g_i} l_j(p + t_{i-1}) under the checkpoint's ``slot_profile``. Forward i of
+    the row commits exactly g_i tokens (slot 1 and the masks' slots 2..g_i). Rows in a batch share one mask
+    count, the largest g - 1 among them; a row planning fewer commits only its own g (masks only see the
+    slots before them, so the extra ones change nothing it commits).
+    """
+
+    def __init__(self, profile, budget: float) -> None:
+        self.profile, self.budget = profile, budget
+        self.plans: dict[int, list[int]] = {}
+
+    def start(self, row) -> None:
+        from card.ardm.plan import plan_groups
+
+        self.plans[row.index] = plan_groups(self.profile, row.max_new_tokens, self.budget, len(row.prompt_ids))
+
+    def propose(self, rows) -> BudgetProposal:
+        # Each forward commits its whole group (or ends the row), so the row's forward count indexes its plan.
+        commit = [self.plans[r.index][r.forwards] for r in rows]
+        return BudgetProposal(max(commit) - 1, [[] for _ in rows], commit=commit)
+
+    def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
+        pass

@@ -2,7 +2,7 @@
 
 ``DecodingSpec`` is what the CLI, the lm-eval ``card`` model, the eval runner, the reports and the
 benchmarks pass around. Text forms (``DecodingSpec.parse``): ``ar``, ``lossless``, ``parallel`` (the
-checkpoint's threshold) and ``parallel@T``. Fields left ``None`` take the checkpoint's defaults in
+checkpoint's threshold) and ``parallel@T``, ``budget@F``. Fields left ``None`` take the checkpoint's defaults in
 ``resolve(meta)``. Every problem is a one-line ``CardError``.
 
 Lookahead. ``block_size`` is K, the most masks a forward may carry. ``lookahead="auto"`` (the default) lets
@@ -14,6 +14,10 @@ Drafts (lossless only): ``"mask"`` (the previous forward's mask predictions), ``
 continuation of the latest earlier match of the text's last n tokens) or ``"mask+ngram"`` (per forward, the
 source with the larger expected number of accepted tokens). ``None``: ``mask+ngram`` with automatic lookahead,
 ``mask`` with a fixed one (so a fixed K reproduces the original decoder step for step).
+
+Budget (``budget@F``, F in (0, 1] forwards per token): the tokens committed by each forward are planned
+before decoding by ARDM's dynamic program over the checkpoint's ``slot_profile`` (``card.ardm.plan``), and
+exactly that many are committed, whatever their confidence. ``budget@1`` is AR.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from card.errors import CardError
 
-MODES = ("ar", "parallel", "lossless")
+MODES = ("ar", "parallel", "lossless", "budget")
 RULES = ("prefix", "joint")
 LOOKAHEADS = ("auto", "fixed")
 DRAFTS = ("mask", "ngram", "mask+ngram")
@@ -55,6 +59,7 @@ class DecodingSpec:
     temperature: float = 0.0  # ar / parallel; 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+    budget: float | None = None  # budget: forwards per token, in (0, 1]
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +70,14 @@ class DecodingSpec:
                 raise CardError(f"threshold must be in (0, 1], not {self.threshold}")
             if self.mode != "parallel":
                 raise CardError(f"threshold applies to parallel decoding only, not {self.mode!r}")
+        if self.mode == "budget" and self.budget is None:
+            raise CardError("budget decoding needs a budget in (0, 1] forwards per token (e.g. budget@0.5)")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
+                    0 < self.budget <= 1):
+                raise CardError(f"budget must be in (0, 1] forwards per token, not {self.budget}")
+            if self.mode != "budget":
+                raise CardError(f"budget applies to budget decoding only, not {self.mode!r}")
         if self.block_size is not None:
             parse_block_size(self.block_size)
         if self.lookahead not in LOOKAHEADS:
@@ -89,21 +102,28 @@ class DecodingSpec:
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def parse(cls, text: str, **overrides: Any) -> "DecodingSpec":
-        """``"ar"``, ``"lossless"``, ``"parallel"`` or ``"parallel@T"``, then ``overrides`` (``with_``'s keys)."""
+        """``"ar"``, ``"lossless"``, ``"parallel"``, ``"parallel@T"`` or ``"budget@F"``, then ``overrides`` (``with_``'s keys)."""
         if isinstance(text, DecodingSpec):
             return text.with_(**overrides)
         item = str(text).strip()
         name, at, value = item.partition("@")
-        if name not in MODES or (at and name != "parallel"):
-            raise CardError(f"unknown mode {item!r}: the decoding mode must be ar, lossless, parallel or parallel@T "
-                            "with T in (0, 1]")
-        threshold = None
+        if name not in MODES or (at and name not in ("parallel", "budget")):
+            raise CardError(f"unknown mode {item!r}: the decoding mode must be ar, lossless, parallel, parallel@T "
+                            "with T in (0, 1] or budget@F with F in (0, 1]")
+        number = None
         if at:
             try:
-                threshold = float(value)
+                number = float(value)
             except ValueError:
-                raise CardError(f"unknown mode {item!r}: {value!r} is not a threshold (use e.g. parallel@0.7)") from None
-        return cls(name, threshold=threshold).with_(**overrides)
+                what = ("a threshold (use e.g. parallel@0.7)" if name == "parallel"
+                        else "a budget (use e.g. budget@0.5)")
+                raise CardError(f"unknown mode {item!r}: {value!r} is not {what}") from None
+        if name == "budget":
+            budget = overrides.pop("budget", None)
+            if at and budget is not None and float(budget) != number:
+                raise CardError(f"two budgets given: {item!r} and {budget}")
+            return cls(name, budget=number if at else budget).with_(**overrides)
+        return cls(name, threshold=number).with_(**overrides)
 
     def with_(self, **overrides: Any) -> "DecodingSpec":
         """A copy with some settings replaced; ``block_size`` may be ``"auto"`` or K (sets ``lookahead``).
@@ -127,6 +147,11 @@ class DecodingSpec:
         if meta is None:
             raise CardError(f"{self.mode} decoding needs a CARD checkpoint (no 'card' metadata in the model "
                             "config); convert it with card-convert first, or use --decoding ar")
+        if self.mode == "budget":
+            if getattr(meta, "slot_profile", None) is None:
+                raise CardError("budget decoding needs the checkpoint's slot profile; measure it with "
+                                "card profile CKPT --data FILE --write")
+            return self
         return dataclasses.replace(
             self,
             threshold=(meta.decoding.threshold if self.threshold is None else self.threshold)
@@ -146,11 +171,13 @@ class DecodingSpec:
     @property
     def text(self) -> str:
         """The mode as ``parse`` reads it (``parallel@0.9``)."""
+        if self.mode == "budget":
+            return f"budget@{self.budget:g}"
         return f"parallel@{self.threshold:g}" if self.mode == "parallel" and self.threshold is not None else self.mode
 
     def label(self, name_block_size: bool = False) -> str:
         """A run label: the mode text, with `` K=k`` when the block size was chosen rather than defaulted."""
-        if self.mode == "ar" or not name_block_size:
+        if self.mode in ("ar", "budget") or not name_block_size:
             return self.text
         return f"{self.text} K={self.block_size}" if self.lookahead == "fixed" else f"{self.text} K=auto"
 
@@ -161,6 +188,8 @@ class DecodingSpec:
             s.update(threshold=self.threshold, block_size=self.block_size, lookahead=self.lookahead, rule=self.rule)
         if self.mode == "lossless":
             s.update(block_size=self.block_size, lookahead=self.lookahead, drafts="+".join(self.draft_sources))
+        if self.mode == "budget":
+            s["budget"] = self.budget
         if self.mode != "lossless":
             s.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         return s
@@ -170,7 +199,9 @@ class DecodingSpec:
         s: dict[str, Any] = {"decoding": self.mode}
         if self.threshold is not None:
             s["threshold"] = self.threshold
-        if self.mode != "ar":
+        if self.mode == "budget":
+            s["budget"] = self.budget
+        elif self.mode != "ar":
             s.update(block_size=self.block_size, lookahead=self.lookahead)
         if self.mode == "lossless":
             s["drafts"] = "+".join(self.draft_sources)
