@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from card.errors import CardError
+from card.paths import cache_dir
 
 CACHE_ENV = "CARD_CACHE_DIR"
 
@@ -55,8 +56,7 @@ MODELS = {
 
 def models_dir() -> Path:
     """``$CARD_CACHE_DIR/models``, or ``~/.cache/card/models``."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "card"
-    return Path(root).expanduser() / "models"
+    return cache_dir("models")
 
 
 def model_info(name: str) -> ModelFile:

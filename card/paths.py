@@ -19,3 +19,10 @@ def shared_data_dir(required: bool = True) -> Path:
     if required and not d.is_dir():
         raise CardError(f"shared data folder {d} not found; set {ENV} to the folder holding eval/, tinystories/, stories260K_hf/")
     return d
+
+
+def cache_dir(kind: str) -> Path:
+    """``$CARD_CACHE_DIR/KIND`` (default ``~/.cache/card/KIND``): the one cache root for the data cache
+    (``data``), downloaded model files (``models``) and measured decoding costs (``cost``)."""
+    root = os.environ.get("CARD_CACHE_DIR") or Path.home() / ".cache" / "card"
+    return Path(root).expanduser() / kind

@@ -38,6 +38,7 @@ import torch
 from card.adapt.recipe import FILE_BUILDERS, DataConfig
 from card.errors import CardError
 from card.io import atomic_directory
+from card.paths import cache_dir
 
 CACHE_VERSION = 1
 EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -476,7 +477,7 @@ def micro_batch_indices(n: int, seed: int, step: int, micro: int, rank: int, wor
 def cache_root(spec: DataConfig) -> Path:
     if spec.cache_dir:
         return Path(spec.cache_dir)
-    return Path(os.environ.get("CARD_CACHE_DIR", Path.home() / ".cache" / "card")) / "data"
+    return cache_dir("data")
 
 
 def cache_key(spec: DataConfig, fmt: RowFormat, tokenizer_fp: str) -> str:

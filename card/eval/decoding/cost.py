@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable
 import torch
 import transformers as tf
 
+from card import paths
 from card.checkpoint import max_positions
 
 BATCH_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -46,7 +46,7 @@ _MEMORY: dict[str, "CostModel"] = {}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CARD_CACHE_DIR") or Path.home() / ".cache" / "card") / "cost"
+    return paths.cache_dir("cost")
 
 
 def fingerprint(model: torch.nn.Module) -> str:
