@@ -53,13 +53,23 @@ def stories_card(data_dir, tmp_path_factory) -> Path:
     return dst
 
 
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and one thread does not fight other jobs on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(1)
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+    """A 135M model uses both cores."""
+    yield from _threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -70,14 +70,6 @@ def smol(smol_card):
     return load_checkpoint(smol_card[0], dtype="float32", require_card=True)
 
 
-@pytest.fixture(scope="module")
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ convert
 def test_gguf_conversion_equals_the_dequantised_model(smollm2_gguf, smol_card, smol, two_threads):
     dst, report = smol_card
