@@ -23,10 +23,12 @@ from card.eval.decoding.planner import (
     SlotStats,
     accepted_curve,
     best_lookahead,
+    critical_gain,
     lossless_rate,
     parallel_rate,
     profile_prior,
     slot_prior,
+    survival,
     warn_untrained,
 )
 from card.eval.decoding.proposers import NgramIndex
@@ -269,3 +271,59 @@ def test_cost_never_exceeds_q_one_token_forwards(table):
     t = cost_mod.monotone(table)
     first = table[min(table)]
     assert all(t[q] <= q * first * (1 + 1e-12) for q in t)
+
+
+# ------------------------------------------------------------------------------------------ batch progress
+def _brute_critical_gain(remaining, rates_per_row):
+    """E[R_max - max_r Y_r] by enumerating every row's accepted count X_r (P(X = j) from its slot rates)."""
+    import itertools
+
+    def dist(rates):
+        out, run = [], 1.0
+        for a in rates:
+            out.append(run * (1 - a))
+            run *= a
+        return out + [run]  # P(X = j), j = 0..len(rates)
+
+    top = max(remaining)
+    expected = 0.0
+    for xs in itertools.product(*[list(enumerate(dist(r))) for r in rates_per_row]):
+        p = 1.0
+        for _, q in xs:
+            p *= q
+        worst = max(max(0, rem - 1 - x) for rem, (x, _) in zip(remaining, xs))
+        expected += p * (top - worst)
+    return expected
+
+
+rates_st = st.lists(st.floats(0.0, 1.0), min_size=0, max_size=4)
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), rates_st), min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_critical_gain_equals_brute_force(rows):
+    remaining = [r for r, _ in rows]
+    rates = [a[:max(0, r - 1)] for r, a in rows]  # a row cannot draft past its remaining budget
+    survivals = [survival(accepted_curve(a), len(a)) for a in rates]
+    assert critical_gain(remaining, survivals) == pytest.approx(_brute_critical_gain(remaining, rates), abs=1e-9)
+
+
+@given(rates_st)
+@settings(max_examples=100, deadline=None)
+def test_survival_is_the_probability_of_at_least_j_accepted(rates):
+    curve = accepted_curve(rates)
+    s = survival(curve, len(rates))
+    run = 1.0
+    for j, a in enumerate(rates, start=1):
+        run *= a
+        assert s[j] == pytest.approx(run, abs=1e-12)
+    assert s[0] == 1.0
+
+
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=8), rates_st)
+@settings(max_examples=100, deadline=None)
+def test_critical_gain_without_drafts_is_one_step_and_one_row_gains_one_plus_accepted(remaining, rates):
+    assert critical_gain(remaining, [[1.0]] * len(remaining)) == pytest.approx(1.0)
+    r = len(rates) + 1 + 3  # enough budget that no draft is cut
+    assert critical_gain([r], [survival(accepted_curve(rates), len(rates))]) == pytest.approx(
+        1.0 + accepted_curve(rates)[-1])

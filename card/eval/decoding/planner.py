@@ -70,6 +70,38 @@ def lossless_rate(rates: Sequence[float], m: int, batch: int, cost: Callable[[fl
     return tokens / ((1.0 - narrow) * cost(1 + 2 * m) + narrow * cost(1 + m))
 
 
+def survival(curve: Sequence[float], length: int) -> list[float]:
+    """S(j) = P(at least j of ``length`` offered slots accepted) = prod_{i<=j} a_i = A(j) - A(j-1), S(0) = 1."""
+    out = [1.0]
+    for j in range(1, length + 1):
+        out.append(max(0.0, curve[j] - curve[j - 1]) if j < len(curve) else 0.0)
+    return out
+
+
+def critical_gain(remaining: Sequence[int], survivals: Sequence[Sequence[float]]) -> float:
+    """Expected drop of the batch's largest remaining budget in one forward: R_max - E[max_r Y_r].
+
+    A static batch runs until its slowest row is done, so what a forward buys is progress on the row(s)
+    with the most tokens left. Row r commits 1 + X_r tokens (the AR token and X_r accepted drafts, with
+    P(X_r >= j) = S_r(j), the row's ``survivals``), leaving Y_r = max(0, R_r - 1 - X_r). With rows
+    independent, P(max_r Y_r <= v) = prod_r S_r(R_r - 1 - v) (S_r(j) = 1 for j <= 0, 0 past its drafts), and
+    E[max] = sum_{v >= 0} P(max > v). Without drafts the gain is exactly 1; for one row it is 1 + A(d).
+    """
+    top = max(remaining)
+    lo = max(0, top - 1 - max(len(s) - 1 for s in survivals))  # below lo some row is surely still above
+
+    def s_at(s: Sequence[float], j: int) -> float:
+        return 1.0 if j <= 0 else (s[j] if j < len(s) else 0.0)
+
+    expected_max = float(lo)
+    for v in range(lo, top):
+        below = 1.0
+        for r, s in zip(remaining, survivals):
+            below *= s_at(s, r - 1 - v)
+        expected_max += 1.0 - below
+    return top - expected_max
+
+
 def best_lookahead(rate: Callable[[int], float], k_max: int, margin: float = MARGIN) -> int:
     """argmax_{0 <= m <= k_max} rate(m), where m > 0 must beat AR's rate(0) by ``margin``; fewest masks on ties."""
     base = rate(0)

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from card.eval.decoding.planner import MARGIN, NGRAM_PRIOR, REPLAN, Lookahead, SlotStats, accepted_curve
+from card.eval.decoding.planner import (
+    MARGIN,
+    NGRAM_PRIOR,
+    REPLAN,
+    Lookahead,
+    SlotStats,
+    accepted_curve,
+    critical_gain,
+    survival,
+)
 
 NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest first)
 
@@ -68,6 +77,22 @@ def _remaining(row) -> int:
     return row.max_new_tokens - len(row.tokens)
 
 
+def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int], str | None, list[float], float]:
+    """One lossless row at common draft length d: (drafts, source, S(j) of those drafts, expected accepted).
+
+    ``md``: the row's mask drafts, ``g``: its prompt-lookup drafts from an n-gram match; ``curves``:
+    (A, S) of the mask slots, then of the 1-, 2- and 3-gram lookups. The source expecting more wins.
+    """
+    (ma, ms) = curves[0]
+    e_mask = ma[min(d, len(md))] if md else 0.0
+    if g and d > 0:
+        na, ns = curves[n]
+        k = min(d, len(g))
+        if na[k] > e_mask or not md:
+            return g[:k], f"ngram{n}", ns[:k + 1], na[k]
+    return md, ("mask" if md else None), ms[:len(md) + 1], e_mask
+
+
 class MaskProposer:
     """AR (no lookahead) and parallel decoding: m masks after the pending tokens, m from a ``Lookahead``."""
 
@@ -96,8 +121,8 @@ class DraftProposer:
 
     With automatic lookahead, m comes from the ``Lookahead`` (the stationary mask-draft model) and the drafts
     of each row are the source with the larger expected number of accepted tokens; their common length d is
-    the one maximising sum_rows w_row (1 + A_row(d)) / c(B, pending + d + m) (w: the row's share of the work
-    left, see ``_choose``), never shorter than the mask drafts
+    the one maximising the expected progress of the batch's slowest row per second, ``critical_gain`` /
+    c(B, pending + d + m) (see ``_choose``), never shorter than the mask drafts
     already made (they are what the masks were paid for). With a fixed K, a row uses its mask drafts when
     it has them and prompt lookup otherwise, so its steps do not depend on the rest of the batch.
     """
@@ -114,12 +139,14 @@ class DraftProposer:
         row.drafts = []
         row.ngram = NgramIndex(row.prompt_ids) if self.use_ngram else None
 
-    def _curve(self, stats: SlotStats) -> list[float]:
+    def _curve(self, stats: SlotStats) -> tuple[list[float], list[float]]:
+        """(A(j), S(j)) for j = 0..K from the current estimates, recomputed every ``REPLAN`` observations."""
         key = id(stats)
         hit = self._curves.get(key)
         if hit is None or stats.version - hit[0] >= REPLAN:
-            hit = self._curves[key] = (stats.version, accepted_curve(stats.rates()))
-        return hit[1]
+            curve = accepted_curve(stats.rates())
+            hit = self._curves[key] = (stats.version, curve, survival(curve, len(curve) - 1))
+        return hit[1], hit[2]
 
     def propose(self, rows) -> Proposal:
         B = len(rows)
@@ -139,43 +166,35 @@ class DraftProposer:
         return Proposal(m, drafts, sources)
 
     def _choose(self, rows, m, mask_d, ngram):
-        """The common draft length d and each row's source maximising expected tokens per second."""
+        """The common draft length d and each row's source maximising the batch's progress per second.
+
+        A static batch is done when its slowest row is, so a forward is worth ``critical_gain``: the
+        expected drop of the largest remaining budget. Only rows within d of the largest budget can still be
+        the slowest after this forward, and the drop is at most 1 + E[accepted] of any row holding the largest
+        budget, which rules most d out before the exact gain is computed. Every row is padded to the same
+        width anyway, so each row drafts up to d from its better source; rows that get ahead leave sooner.
+        """
         B = len(rows)
-        mc = self._curve(self.mask_stats)
-        ncs = [self._curve(s) for s in self.ngram_stats]
+        curves = [self._curve(self.mask_stats)] + [self._curve(s) for s in self.ngram_stats]
         pending = max(len(r.pending) for r in rows)
+        remaining = [_remaining(r) for r in rows]
+        top = max(remaining)
+        lead = [b for b, r in enumerate(remaining) if r == top]
         d_min = max(map(len, mask_d))
         d_max = max(d_min, max(len(g) for g, _ in ngram))
-        # A static batch runs until its slowest row is done: a row's tokens are worth its share of the work
-        # left (w = remaining / the most remaining), so drafts for rows far ahead do not widen everyone's forward.
-        most = max(_remaining(r) for r in rows)
-        weights = [_remaining(r) / most for r in rows]
         best_d, best_rate = d_min, -1.0
         for d in range(d_min, d_max + 1):
-            tokens = 0.0
-            for w, md, (g, n) in zip(weights, mask_d, ngram):
-                e_mask = mc[min(d, len(md))] if md else 0.0
-                e_ng = ncs[n - 1][min(d, len(g))] if g else 0.0
-                tokens += w * (1.0 + max(e_mask, e_ng))
-            rate = tokens / self.cost(B, pending + d + m)
-            if d > d_min:
-                rate /= MARGIN  # extra drafts must promise MARGIN more than none (see the planner)
-            if rate > best_rate * (1 + 1e-9):
-                best_d, best_rate = d, rate
-        drafts, sources = [], []
-        for md, (g, n) in zip(mask_d, ngram):
-            e_mask = mc[min(best_d, len(md))] if md else 0.0
-            e_ng = ncs[n - 1][min(best_d, len(g))] if g else 0.0
-            if md and e_mask >= e_ng:
-                drafts.append(md)
-                sources.append("mask")
-            elif g and best_d > 0 and e_ng > 0:
-                drafts.append(g[:best_d])
-                sources.append(f"ngram{n}")
-            else:
-                drafts.append(md)
-                sources.append("mask" if md else None)
-        return drafts, sources
+            cost = self.cost(B, pending + d + m) * (MARGIN if d > d_min else 1.0)  # extra drafts must promise more
+            bound = 1.0 + min(_pick(mask_d[b], *ngram[b], d, curves)[3] for b in lead)
+            if bound / cost <= best_rate * (1 + 1e-9):
+                continue
+            near = [b for b, r in enumerate(remaining) if r >= top - d]
+            gain = critical_gain([remaining[b] for b in near],
+                                 [_pick(mask_d[b], *ngram[b], d, curves)[2] for b in near])
+            if gain / cost > best_rate * (1 + 1e-9):
+                best_d, best_rate = d, gain / cost
+        picks = [_pick(md, g, n, best_d, curves) for md, (g, n) in zip(mask_d, ngram)]
+        return [p[0] for p in picks], [p[1] for p in picks]
 
     def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
         for r, src, o, new in zip(rows, proposal.sources, outcomes, committed):
