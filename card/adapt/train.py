@@ -41,6 +41,7 @@ from card.adapt.objective import ar_loss, card_loss, causal_lm_loss
 from card.adapt.recipe import recipe_from_dict
 from card.adapt.resolve import ResolvedRun, first_line, lr_factor, resolve_run
 from card.errors import CardError
+from card.quiet import progress_disabled
 
 
 def mix_seed(*parts: Any) -> int:
@@ -98,7 +99,8 @@ def train(run: ResolvedRun, run_dir: Path, topo: Topology) -> dict:
         trainer.validate(0)
     batches = trainer.data.step_batches(trainer.start, topo.rank, topo.world, t.gradient_accumulation_steps,
                                         t.micro_batch_size, run.recipe.seed)
-    bar = tqdm(total=t.max_steps, initial=trainer.start, desc="adapt", disable=topo.rank != 0, dynamic_ncols=True,
+    bar = tqdm(total=t.max_steps, initial=trainer.start, desc="adapt",
+               disable=topo.rank != 0 or progress_disabled(), dynamic_ncols=True,
                mininterval=1.0)
     for step in range(trainer.start, t.max_steps):
         n = step + 1
