@@ -175,6 +175,27 @@ def test_cost_model_is_measured_once_then_read_from_disk(tiny, monkeypatch, tmp_
         handle.remove()
 
 
+def test_prepare_measures_the_cost_model_before_a_timed_decode(tiny, monkeypatch, tmp_path):
+    """The lm-eval model times whole decode calls: after ``prepare`` none of them measures anything."""
+    from card.eval.decoding import prepare
+
+    monkeypatch.setenv("CARD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cost_mod, "_MEMORY", {})
+    ck = tiny("llama", 0)
+    prepare(ck.model, "ar", [3])  # AR needs no cost model
+    assert cost_mod.CostModel.for_model(ck.model).tables == {}
+    prepare(ck.model, "lossless", [3, 1])
+    assert set(cost_mod.CostModel.for_model(ck.model).tables) == {cost_mod.grid_batch(3), 1}
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured during a timed decode")
+
+    monkeypatch.setattr(cost_mod, "measure_table", no_measuring)
+    out = decode(DecodingSpec("lossless"), ck.model, ck.tokenizer, ["ab", "cd", "ef", "gh"], max_new_tokens=4,
+                 batch_size=3)
+    assert len(out) == 4
+
+
 @given(table=st.dictionaries(st.sampled_from(cost_mod.QUERY_GRID), st.floats(1e-4, 1.0), min_size=2),
        q=st.floats(1, 40))
 def test_cost_interpolation_is_monotone_and_exact_on_the_grid(table, q):

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from card.checkpoint import check_checkpoint_path
 from card.errors import CardError
 from card.eval import lm_eval_compat
-from card.eval.decoding import DecodingSpec, decode_spec
+from card.eval.decoding import DecodingSpec, decode_spec, prepare
 from card.quiet import progress_disabled
 from card.metadata import read_metadata
 
@@ -218,6 +218,7 @@ class CardLM(HFLM):
             # Longest first (as HFLM does): batches hold prompts of similar length.
             order = sorted(indices, key=lambda i: (-len(prompts[i]), requests[i].args[0]))
             size = self._decode_batch_size
+            prepare(self.model, spec, [len(order[s:s + size]) for s in range(0, len(order), size)])  # not timed
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
                 t0 = time.perf_counter()

@@ -19,7 +19,16 @@ per prompt. ``block_size="auto"`` (the default) chooses k per forward to maximis
 per second; a fixed K is the paper's decoder, and with it a prompt's output does not depend on its batch.
 """
 
-from card.eval.decoding.api import check_settings, decode, decode_ar, decode_lossless, decode_parallel, decode_spec, generate
+from card.eval.decoding.api import (
+    check_settings,
+    decode,
+    decode_ar,
+    decode_lossless,
+    decode_parallel,
+    decode_spec,
+    generate,
+    prepare,
+)
 from card.eval.decoding.cost import CostModel
 from card.eval.decoding.engine import DecodeResult, Request, check_max_new_tokens
 from card.eval.decoding.spec import DEFAULT_MAX_NEW_TOKENS, DRAFTS, MODES, RULES, DecodingSpec, parse_block_size, parse_modes
@@ -41,6 +50,7 @@ __all__ = [
     "decode_parallel",
     "decode_spec",
     "generate",
+    "prepare",
     "parse_block_size",
     "parse_modes",
 ]

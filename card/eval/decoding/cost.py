@@ -11,7 +11,7 @@ tokens (k masks or drafts), so the planner (``card.eval.decoding.planner``) read
 Measurement: for each batch size on the grid 1, 2, 4, 8, ... (a batch is priced at the next grid point up,
 which over-prices lookahead slightly: the conservative side), a cache over a random prefix of
 ``PREFIX`` tokens is built once, then forwards over q in ``QUERY_GRID`` are timed round-robin (one warm-up
-round, then the minimum over rounds until ``BUDGET_S`` is spent: at least 2, at most 25), each with the
+round, then the minimum over rounds until ``BUDGET_S`` is spent: at least 5, at most 25), each with the
 2D attention mask the batched decoder passes and followed by the softmax the decoders take, and the cache is
 cropped back. Between grid points c is interpolated
 linearly in q, and it is made non-decreasing (noise must not make a longer forward look cheaper).
@@ -38,8 +38,11 @@ from card.checkpoint import max_positions
 BATCH_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUERY_GRID = (1, 2, 3, 5, 9, 17)
 PREFIX = 64
-MIN_ROUNDS, MAX_ROUNDS = 2, 25
-BUDGET_S = 0.2  # timed rounds per batch size stop after this long (at least MIN_ROUNDS: large models)
+MIN_ROUNDS, MAX_ROUNDS = 5, 25
+# Timed rounds per batch size stop after this long (at least MIN_ROUNDS: large models). The minimum over
+# rounds is the estimate: on a busy machine a forward is often preempted, and with only 2 rounds one busy
+# stretch inflated the one-token cost so much that the table came out flat (break-even 1.0: lookahead free).
+BUDGET_S = 0.5
 FORMAT = 2
 
 _MEMORY: dict[str, "CostModel"] = {}
