@@ -36,10 +36,10 @@ QUERY_LENGTHS = (1, 2, 3, 5, 9, 17)
 PROMPT_LOOKUP_TOKENS = 10  # transformers' usual setting
 
 
-def modes(threshold: float, block_size: int) -> list[tuple[str, DecodingSpec]]:
-    """(label, spec) of every CARD decoder measured."""
+def modes(threshold: float, block_size: int, fixed: bool = True) -> list[tuple[str, DecodingSpec]]:
+    """(label, spec) of every CARD decoder measured; ``fixed=False`` leaves out the fixed-K runs."""
     par = DecodingSpec("parallel", threshold=threshold)
-    return [
+    runs = [
         ("ar", DecodingSpec("ar")),
         (f"parallel@{threshold:g} auto", par),
         (f"parallel@{threshold:g} K={block_size}", par.with_(block_size=block_size)),
@@ -47,6 +47,7 @@ def modes(threshold: float, block_size: int) -> list[tuple[str, DecodingSpec]]:
         ("lossless auto", DecodingSpec("lossless")),
         (f"lossless K={block_size}", DecodingSpec("lossless").with_(block_size=block_size)),
     ]
+    return [r for r in runs if fixed or "K=" not in r[0]]
 
 
 def same_tokens(reference: list[list[int]], other: list[list[int]]) -> float:
@@ -103,7 +104,8 @@ def file_prompts(path: str, n: int) -> list[str]:
 
 
 def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: int, block_size: int | None,
-        threads: int | None, prompt_file: str | None = None, stop: tuple[str, ...] = ()) -> tuple[dict, str]:
+        threads: int | None, prompt_file: str | None = None, stop: tuple[str, ...] = (),
+        fixed: bool = True) -> tuple[dict, str]:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +116,7 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
     threshold = ck.meta.decoding.threshold
     prompts = file_prompts(prompt_file, n_prompts) if prompt_file else story_prompts(n_prompts)
     counter = ForwardCounter(model)
-    specs = modes(threshold, block_size)
+    specs = modes(threshold, block_size, fixed)
     # Warm-up: first-call allocations, and the cost model's measurement at every batch size (cached after).
     t = time.perf_counter()
     for bs in BATCH_SIZES:
@@ -225,12 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--prompt-file", help="JSONL with a 'prompt' field (default: TinyStories sentences)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; the demo's is a newline)")
+    p.add_argument("--auto-only", action="store_true", help="leave out the fixed-K runs (the old default)")
     p.add_argument("--name", default="decode", help="output file stem")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     stop = tuple(x.encode().decode("unicode_escape") for x in args.stop)  # allow --stop '\n'
     data, md = run(args.model, args.max_new_tokens, args.prompts, args.repeats, args.block_size, args.threads,
-                   args.prompt_file, stop)
+                   args.prompt_file, stop, fixed=not args.auto_only)
     write_results(args.out, args.name, data, md)
     print(md)
 
