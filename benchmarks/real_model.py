@@ -19,7 +19,10 @@ Phases (each a section of ``real_model.json`` / ``real_model.md``):
 5. with ``--adapt-minutes M > 0``: ``card adapt`` (ZeRO-2, 2 ranks on CPU) on chat-formatted GSM8K train
    data, masks and loss on the assistant turns, for as many steps as fit in M minutes (2 steps are timed
    first; the run is then resumed with ``max_steps`` set from that), then phase 4 again on the adapted
-   model, with the AR validation loss before and after.
+   model, with the AR validation loss before and after, and phase 3 (AR) on the adapted model.
+
+Each finished phase is written to ``real_model.json`` / ``.md`` at once, so a run stopped early keeps what it
+measured (the document says where it stopped).
 
 A 135M model at CPU compute will not predict far ahead: these numbers are the measured starting line.
 """
@@ -176,19 +179,19 @@ def phase_modes(ck, prompts, eos, max_new: int, block_size: int | str, repeats: 
     return rows
 
 
-def phase_lm_eval(card_dir: Path, hf_dir: Path, limit: int, gsm8k_limit: int, out: Path) -> dict:
+def phase_lm_eval(card_dir: Path, hf_dir: Path | None, limit: int, gsm8k_limit: int, out: Path) -> dict:
     from card.eval.runner import evaluate
 
     res = {}
     for tasks, lim in (("card_piqa,card_hellaswag", limit), ("card_gsm8k", gsm8k_limit)):
         if lim <= 0:
             continue
-        doc = evaluate(str(card_dir), tasks, "ar", baseline=str(hf_dir), limit=lim, batch_size=8,
-                       out=out / tasks.replace(",", "+"), bootstrap_iters=1000)
-        for run in doc["runs"]:
-            for task, sc in run["scores"].items():
-                res.setdefault(task, {})[run["label"]] = {k: v for k, v in sc.items() if "," in k}
-        res.setdefault("_seconds", {})[tasks] = doc["seconds"]
+        doc = evaluate(str(card_dir), tasks, "ar", baseline=None if hf_dir is None else str(hf_dir), limit=lim,
+                       batch_size=8, out=out / tasks.replace(",", "+"), bootstrap_iters=1000)
+        for run in doc.runs:
+            for task, sc in run.scores.items():
+                res.setdefault(task, {})[run.label] = {k: v for k, v in sc.items() if "," in k}
+        res.setdefault("_seconds", {})[tasks] = doc.seconds
     return res
 
 
@@ -224,41 +227,59 @@ def phase_adapt(card_dir: Path, work: Path, minutes: float, seq_len: int) -> dic
 
 
 # ------------------------------------------------------------------------------------------ report
+MODE_COLS = [("mode", "mode"), ("tokens_per_forward", "tokens/forward"), ("tokens_per_second", "tokens/s"),
+             ("speed_vs_ar", "speed vs AR"), ("agreement_with_ar", "same tokens as AR")]
+
+
+def _convert_md(c: dict) -> list[str]:
+    return ["### conversion (median seconds)", "",
+            markdown_table([{"source": s, **c[s]["seconds"], "ratio": c[s]["convert_over_load_save"],
+                             "ratio_nv": c[s]["no_verify_over_load_save"]} for s in ("gguf", "hf")],
+                           [("source", "source"), ("load_save", "load + save"), ("convert", "card-convert"),
+                            ("convert_no_verify", "--no-verify"), ("ratio", "convert / load+save"),
+                            ("ratio_nv", "no-verify / load+save")]),
+            "", f"max |Δlogit| vs the dequantised model: {c['max_abs_diff']}, argmax equal: {c['argmax_equal']}", ""]
+
+
+def _lm_eval_md(results: dict, title: str) -> list[str]:
+    rows = []
+    for task, runs in results.items():
+        if task.startswith("_"):
+            continue
+        for label, sc in runs.items():
+            rows.append({"task": task, "run": label, **{k.split(",")[0] + "/" + k.split(",")[1]: v
+                                                        for k, v in sc.items() if "stderr" not in k}})
+    keys = sorted({k for row in rows for k in row} - {"task", "run"})
+    return [f"### {title}", "", markdown_table(rows, [("task", "task"), ("run", "run")] + [(k, k) for k in keys]), ""]
+
+
 def markdown(r: dict) -> str:
-    c = r["convert"]
-    lines = ["## SmolLM2-135M-Instruct (GGUF Q4_1)", "", f"settings: {json.dumps(r['settings'])}", "",
-             "### conversion (median seconds)", "",
-             markdown_table([{"source": s, **c[s]["seconds"], "ratio": c[s]["convert_over_load_save"],
-                              "ratio_nv": c[s]["no_verify_over_load_save"]} for s in ("gguf", "hf")],
-                            [("source", "source"), ("load_save", "load + save"), ("convert", "card-convert"),
-                             ("convert_no_verify", "--no-verify"), ("ratio", "convert / load+save"),
-                             ("ratio_nv", "no-verify / load+save")]),
-             "", f"max |Δlogit| vs the dequantised model: {c['max_abs_diff']}, argmax equal: {c['argmax_equal']}", ""]
-    g = r["generate"]
-    lines += ["### AR decode vs transformers generate (greedy, batch 1, chat prompts)", "",
-              f"ours {g['tokens_per_second']['ar']:.1f} tokens/s, generate {g['tokens_per_second']['generate']:.1f} "
-              f"tokens/s ({g['ar_over_generate']:.2f}x), identical tokens: {g['identical']}", ""]
+    """The sections measured so far (a run stopped early still reports its finished phases)."""
+    lines = ["## SmolLM2-135M-Instruct (GGUF Q4_1)", "", f"settings: {json.dumps(r['settings'])}", ""]
+    if "convert" in r:
+        lines += _convert_md(r["convert"])
+    if "generate" in r:
+        g = r["generate"]
+        lines += ["### AR decode vs transformers generate (greedy, batch 1, chat prompts)", "",
+                  f"ours {g['tokens_per_second']['ar']:.1f} tokens/s, generate {g['tokens_per_second']['generate']:.1f} "
+                  f"tokens/s ({g['ar_over_generate']:.2f}x), identical tokens: {g['identical']}", ""]
+    if "modes" in r:
+        lines += ["### decoding modes, unadapted (batch 1, chat prompts)", "", markdown_table(r["modes"], MODE_COLS), ""]
     if r.get("lm_eval"):
-        rows = []
-        for task, runs in r["lm_eval"].items():
-            if task.startswith("_"):
-                continue
-            for label, sc in runs.items():
-                rows.append({"task": task, "run": label, **{k.split(",")[0] + "/" + k.split(",")[1]: v
-                                                            for k, v in sc.items() if "stderr" not in k}})
-        keys = sorted({k for row in rows for k in row} - {"task", "run"})
-        lines += ["### lm-eval (source = dequantised HF folder, AR; converted = CARD checkpoint, AR)", "",
-                  markdown_table(rows, [("task", "task"), ("run", "run")] + [(k, k) for k in keys]), ""]
-    cols = [("mode", "mode"), ("tokens_per_forward", "tokens/forward"), ("tokens_per_second", "tokens/s"),
-            ("speed_vs_ar", "speed vs AR"), ("agreement_with_ar", "same tokens as AR")]
-    lines += ["### decoding modes, unadapted (batch 1, chat prompts)", "", markdown_table(r["modes"], cols), ""]
+        lines += _lm_eval_md(r["lm_eval"], "lm-eval (source = dequantised HF folder, AR; converted = CARD checkpoint, AR)")
     if r.get("adapt"):
         a = r["adapt"]
         lines += [f"### after {a['steps']} adaptation steps ({a['seconds'] / 60:.1f} min, "
                   f"{a['seconds_per_step']:.1f} s/step, {a['tokens_per_second']:.0f} tokens/s, seq {a['seq_len']})", "",
                   f"AR validation loss {a['val_ar_loss_before']:.4f} -> {a['val_ar_loss_after']:.4f}; "
-                  f"CARD validation loss {a['val_loss_before']:.4f} -> {a['val_loss_after']:.4f}", "",
-                  markdown_table(r["modes_adapted"], cols), ""]
+                  f"CARD validation loss {a['val_loss_before']:.4f} -> {a['val_loss_after']:.4f}", ""]
+    if r.get("modes_adapted"):
+        lines += ["### decoding modes, adapted (batch 1, chat prompts)", "", markdown_table(r["modes_adapted"], MODE_COLS),
+                  ""]
+    if r.get("lm_eval_adapted"):
+        lines += _lm_eval_md(r["lm_eval_adapted"], "lm-eval after adaptation (CARD checkpoint, AR)")
+    if r.get("partial"):
+        lines += [f"partial run: {r['partial']}", ""]
     return "\n".join(lines)
 
 
@@ -277,33 +298,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    from card.checkpoint import load_checkpoint
-
     if args.threads:
         torch.set_num_threads(args.threads)
 
     gguf = model_path(NAME, check=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="card-real-model-"))
     work.mkdir(parents=True, exist_ok=True)
+    r = {"settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")}, "environment": environment()}
+
+    def phase(key: str, fn, *a):
+        """Run one phase and write everything measured so far, so a stopped run keeps its finished phases."""
+        r["partial"] = f"stopped during the {key} phase"
+        write_results(args.out, "real_model", r, markdown(r))
+        r[key] = fn(*a)
+        print(json.dumps(r[key], indent=1, default=str), flush=True)
+
     try:
-        r = {"settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
-             "environment": environment()}
-        r["convert"] = phase_convert(gguf, work, args.repeats)
-        print(json.dumps(r["convert"], indent=1), flush=True)
-        ck = load_checkpoint(work / "smollm2-card", dtype="float32", require_card=True)
-        prompts, eos = chat_prompts(ck.tokenizer, args.prompts), end_of_turn_ids(ck.tokenizer)
-        r["generate"] = phase_generate(ck, prompts, eos, args.max_new_tokens, args.repeats)
-        print(json.dumps(r["generate"], indent=1), flush=True)
-        r["modes"] = phase_modes(ck, prompts, eos, args.max_new_tokens, args.block_size, args.repeats)
-        print(json.dumps(r["modes"], indent=1), flush=True)
-        del ck
-        r["lm_eval"] = phase_lm_eval(work / "smollm2-card", work / "smollm2-hf", args.limit, args.gsm8k_limit,
-                                     work / "eval")
-        print(json.dumps(r["lm_eval"], indent=1), flush=True)
-        if args.adapt_minutes > 0:
-            r["adapt"] = phase_adapt(work / "smollm2-card", work, args.adapt_minutes, args.adapt_seq_len)
-            ck = load_checkpoint(r["adapt"]["final"], dtype="float32", require_card=True)
-            r["modes_adapted"] = phase_modes(ck, prompts, eos, args.max_new_tokens, args.block_size, args.repeats)
+        _phases(args, gguf, work, r, phase)
+        r.pop("partial", None)
         md = markdown(r)
         write_results(args.out, "real_model", r, md)
         print(md)
@@ -311,6 +323,27 @@ def main(argv=None) -> dict:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _phases(args, gguf: Path, work: Path, r: dict, phase) -> None:
+    from card.checkpoint import load_checkpoint
+
+    card_dir = work / "smollm2-card"
+    phase("convert", phase_convert, gguf, work, args.repeats)
+    ck = load_checkpoint(card_dir, dtype="float32", require_card=True)
+    prompts, eos = chat_prompts(ck.tokenizer, args.prompts), end_of_turn_ids(ck.tokenizer)
+    phase("generate", phase_generate, ck, prompts, eos, args.max_new_tokens, args.repeats)
+    phase("modes", phase_modes, ck, prompts, eos, args.max_new_tokens, args.block_size, args.repeats)
+    del ck
+    phase("lm_eval", phase_lm_eval, card_dir, work / "smollm2-hf", args.limit, args.gsm8k_limit, work / "eval")
+    if args.adapt_minutes <= 0:
+        return
+    phase("adapt", phase_adapt, card_dir, work, args.adapt_minutes, args.adapt_seq_len)
+    final = Path(r["adapt"]["final"])
+    ck = load_checkpoint(final, dtype="float32", require_card=True)
+    phase("modes_adapted", phase_modes, ck, prompts, eos, args.max_new_tokens, args.block_size, args.repeats)
+    del ck
+    phase("lm_eval_adapted", phase_lm_eval, final, None, args.limit, args.gsm8k_limit, work / "eval-adapted")
 
 
 if __name__ == "__main__":
