@@ -43,7 +43,7 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 25
 # rounds is the estimate: on a busy machine a forward is often preempted, and with only 2 rounds one busy
 # stretch inflated the one-token cost so much that the table came out flat (break-even 1.0: lookahead free).
 BUDGET_S = 0.5
-FORMAT = 2
+FORMAT = 3  # 3: at least 5 rounds (tables measured with 2 are not reused)
 
 _MEMORY: dict[str, "CostModel"] = {}
 
