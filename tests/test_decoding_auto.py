@@ -247,6 +247,30 @@ def test_measured_cost_with_untrained_prior_plans_ar_and_explores_little(tiny):
         assert max(chosen) == 1
 
 
+def test_exploration_fades_on_a_slot_that_keeps_failing():
+    """Useless masks confirmed by observation cost a fraction of the exploration they cost at first."""
+    cost = lambda b, q: 1.0 + 0.2 * (q - 1)  # noqa: E731
+    fresh = Lookahead("parallel", 4, True, cost, SlotStats([0.02] * 4))
+    unobserved = sum(fresh.masks(1) > 0 for _ in range(1000))  # nothing learnt: the full share
+    stats = SlotStats([0.02] * 4)
+    look = Lookahead("parallel", 4, True, cost, stats)
+    late = 0
+    for i in range(2000):
+        m = look.masks(1)
+        late += i >= 1000 and m > 0
+        stats.observe(m, 0)  # never accepted
+        stats.forget()
+    assert 0 < late < 0.5 * unobserved
+
+
+@given(st.floats(0, 60), st.floats(0, 60))
+def test_explore_weight_is_one_without_failures_and_falls_with_them(tries, fails):
+    from card.eval.decoding.planner import explore_weight
+
+    assert explore_weight(tries, tries) == 1.0
+    assert explore_weight(tries + fails, tries) <= explore_weight(tries + fails / 2, tries) <= 1.0
+
+
 def test_exploration_discovers_good_masks():
     stats = SlotStats([0.02] * 4)
     look = Lookahead("parallel", 4, True, lambda b, q: 1.0 + 0.05 * (q - 1), stats)

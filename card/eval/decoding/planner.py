@@ -21,6 +21,8 @@ Estimates start from a prior the checkpoint carries (``slot_prior``) and follow 
 (``SlotStats``: Beta-style pseudo-counts, exponentially forgotten so that they track the text). A slot that
 is never tried cannot be learnt, so ``Lookahead`` spends at most ``EXPLORE`` of the measured forward time
 on trying one slot more than the estimates ask for: a good model whose prior said "untrained" is discovered.
+That share shrinks as the explored slot keeps failing (``explore_weight``), so a model whose masks are
+confirmed useless pays almost nothing for the search.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Callable, Sequence
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
 DECAY = 0.98  # per observation: about the last 50 observations count
 EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
+EXPLORE_PATIENCE = 8.0  # failures of the explored slot that halve the exploration share
 ADAPTED_PRIOR = 0.6  # an adapted checkpoint without a measured slot profile
 UNTRAINED_PRIOR = 0.02  # a converted, never adapted checkpoint: its masks predict almost nothing
 NGRAM_PRIOR = 0.5
@@ -100,6 +103,15 @@ def critical_gain(remaining: Sequence[int], survivals: Sequence[Sequence[float]]
             below *= s_at(s, r - 1 - v)
         expected_max += 1.0 - below
     return top - expected_max
+
+
+def explore_weight(tries: float, successes: float, patience: float = EXPLORE_PATIENCE) -> float:
+    """Share of the exploration budget a slot still earns: w = 1 / (1 + max(0, tries - successes) / patience).
+
+    The counts are the forgotten ones of ``SlotStats``, so the failures of a while ago fade and exploration
+    resumes; a slot that is accepted keeps w near 1 (and is soon chosen rather than explored).
+    """
+    return 1.0 / (1.0 + max(0.0, tries - successes) / patience)
 
 
 def best_lookahead(rate: Callable[[int], float], k_max: int, margin: float = MARGIN) -> int:
@@ -244,8 +256,9 @@ class Lookahead:
             return self.k_max
         m = self.best(batch)
         width = 1 + (2 * m if self.mode == "lossless" else m)
-        self.budget += self.explore * self.cost(batch, width)
         if m < self.k_max:
+            weight = explore_weight(self.stats.tries[m], self.stats.succ[m])
+            self.budget += self.explore * weight * self.cost(batch, width)
             e = m + 1
             # Exploring pays twice: the mask now, and next forward the drafts' verification (lossless) or the
             # re-fed accepted tokens (parallel).
