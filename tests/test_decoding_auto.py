@@ -271,6 +271,27 @@ def test_explore_weight_is_one_without_failures_and_falls_with_them(tries, fails
     assert explore_weight(tries + fails, tries) <= explore_weight(tries + fails / 2, tries) <= 1.0
 
 
+def test_estimates_carry_over_batches_and_calls_and_lossless_stays_ar(stories):
+    """Short answers give a batch few forwards: what one batch learnt, the next (and the next call) starts from."""
+    from card.eval.decoding import start_estimates
+
+    spec = DecodingSpec("lossless")
+    prompts = ["Once upon a time, there was a cat. The cat", "One day, a little girl named Lily", "Tom had a red ball"]
+    est = start_estimates(stories.model, spec)
+
+    def learnt() -> int:
+        return est.masks.version + sum(s.version for s in est.ngram)
+
+    ar = decode_ar(stories.model, stories.tokenizer, prompts, max_new_tokens=24, batch_size=1)
+    first = decode(spec, stories.model, stories.tokenizer, prompts, max_new_tokens=24, batch_size=1, estimates=est)
+    after_first = learnt()
+    assert after_first > 0
+    again = decode(spec, stories.model, stories.tokenizer, prompts, max_new_tokens=24, batch_size=1, estimates=est)
+    assert learnt() > after_first
+    for a, x, y in zip(ar, first, again):
+        assert a.token_ids == x.token_ids == y.token_ids
+
+
 def test_exploration_discovers_good_masks():
     stats = SlotStats([0.02] * 4)
     look = Lookahead("parallel", 4, True, lambda b, q: 1.0 + 0.05 * (q - 1), stats)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from card.checkpoint import check_checkpoint_path
 from card.errors import CardError
 from card.eval import lm_eval_compat
-from card.eval.decoding import DecodingSpec, decode_spec, prepare
+from card.eval.decoding import DecodingSpec, decode_spec, prepare, start_estimates
 from card.quiet import progress_disabled
 from card.metadata import read_metadata
 
@@ -99,6 +99,7 @@ class CardLM(HFLM):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._rolling = False  # set while loglikelihood_rolling runs (see tok_encode)
+        self._estimates: dict = {}  # (task, spec) -> acceptance estimates carried between its batches
         with _quiet("lm_eval.models.huggingface"):
             super().__init__(pretrained=pretrained, backend="causal", tokenizer=tokenizer, device=device, dtype=dtype,
                              batch_size=batch_size, **kwargs)
@@ -219,12 +220,15 @@ class CardLM(HFLM):
             order = sorted(indices, key=lambda i: (-len(prompts[i]), requests[i].args[0]))
             size = self._decode_batch_size
             prepare(self.model, spec, [len(order[s:s + size]) for s in range(0, len(order), size)])  # not timed
+            # What one batch of a task learns about acceptance, the next batch of that task starts from.
+            estimates = self._estimates.setdefault((task, repr(spec)), start_estimates(self.model, spec))
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
                 t0 = time.perf_counter()
                 outs = decode_spec(self.model, self.tokenizer, [prompts[i] for i in chunk], spec,
                                    max_new_tokens=max_gen_toks, stop_strings=until, batch_size=len(chunk),
-                                   mask_id=self.meta.mask_token_id if self.meta is not None else None)
+                                   mask_id=self.meta.mask_token_id if self.meta is not None else None,
+                                   estimates=estimates)
                 wall = time.perf_counter() - t0
                 for i, out in zip(chunk, outs, strict=True):
                     text = postprocess_generated_text(out.text, until, None)

@@ -28,6 +28,7 @@ from card.eval.decoding.api import (
     decode_spec,
     generate,
     prepare,
+    start_estimates,
 )
 from card.eval.decoding.cost import CostModel
 from card.eval.decoding.engine import DecodeResult, Request, check_max_new_tokens
@@ -51,6 +52,7 @@ __all__ = [
     "decode_spec",
     "generate",
     "prepare",
+    "start_estimates",
     "parse_block_size",
     "parse_modes",
 ]

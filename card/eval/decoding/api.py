@@ -22,8 +22,8 @@ from card.eval.decoding.engine import (
     result_text,
     run_batch,
 )
-from card.eval.decoding.planner import Lookahead, SlotStats, card_config, slot_prior, warn_untrained
-from card.eval.decoding.proposers import BudgetProposer, DraftProposer, MaskProposer
+from card.eval.decoding.planner import Lookahead, card_config, slot_prior, warn_untrained
+from card.eval.decoding.proposers import BudgetProposer, DraftProposer, Estimates, MaskProposer
 from card.eval.decoding.spec import DEFAULT_MAX_NEW_TOKENS, MODES, DecodingSpec
 from card.metadata import DecodingDefaults, read_metadata
 
@@ -43,6 +43,7 @@ def decode_spec(
     batch_size: int | None = None,
     suppress_ids: Sequence[int] | None = None,
     on_step: OnStep | None = None,
+    estimates: Estimates | None = None,
 ) -> list[DecodeResult]:
     """Decode ``prompts`` as ``spec`` says (a ``DecodingSpec`` or its text); one ``DecodeResult`` per prompt.
 
@@ -50,7 +51,8 @@ def decode_spec(
     threshold / block size come from the model config's CARD metadata. ``eos_token_ids``: None means the
     model's generation config (or the tokenizer's EOS); pass ``[]`` to disable EOS. ``batch_size``: prompts
     per forward (None: all at once). ``on_step(i, ids)`` is called after every forward with the tokens just
-    committed for prompt ``i``.
+    committed for prompt ``i``. ``estimates`` (from ``start_estimates``): the acceptance estimates automatic
+    lookahead starts from and updates; pass the same object to later calls over the same kind of text.
     """
     spec = DecodingSpec.parse(spec) if isinstance(spec, str) else spec
     check_max_new_tokens(max_new_tokens)
@@ -70,15 +72,16 @@ def decode_spec(
     size = batch_size or max(1, len(rows))
     auto = _is_auto(spec)
     cost = CostModel.for_model(model) if auto else None
-    prior, prior_source = slot_prior(card_config(model), spec.block_size or 0)
+    if estimates is None or len(estimates.masks.prior) != (spec.block_size or 0):
+        estimates = start_estimates(model, spec)
     results = []
     for start in range(0, len(rows), size):
         batch = rows[start:start + size]
         if cost is not None:
             cost.table(len(batch))  # measure (once per model and device) outside the timed decode
-        proposer, acceptor = _mode(spec, cost, prior, auto, meta)
+        proposer, acceptor = _mode(spec, cost, estimates, auto, meta)
         run_batch(model, tokenizer, batch, proposer, acceptor, mask_id, eos, suppress, on_step)
-        look = _lookahead_record(spec, cost, len(batch), prior_source, auto)
+        look = _lookahead_record(spec, cost, len(batch), estimates.prior_source, auto)
         settings = {**spec.settings(), "batch_size": len(batch),
                     "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)}
         for r in batch:
@@ -123,19 +126,27 @@ def _resolve(spec: DecodingSpec, meta) -> DecodingSpec:
     return spec.resolve(meta if meta is not None else SimpleNamespace(decoding=DecodingDefaults()))
 
 
-def _mode(spec: DecodingSpec, cost, prior, auto: bool, meta=None):
-    """The (proposer, acceptor) pair of a mode; fresh per batch (their estimates start from the prior)."""
+def start_estimates(model: tf.PreTrainedModel, spec: DecodingSpec | str) -> Estimates:
+    """Fresh acceptance estimates for decoding ``spec`` with ``model``, from the prior its checkpoint carries."""
+    spec = DecodingSpec.parse(spec) if isinstance(spec, str) else spec
+    spec = _resolve(spec, read_metadata(model.config))
+    prior, source = slot_prior(card_config(model), spec.block_size or 0)
+    return Estimates.start(prior, source)
+
+
+def _mode(spec: DecodingSpec, cost, estimates: Estimates, auto: bool, meta=None):
+    """The (proposer, acceptor) pair of a mode, fresh per batch; the estimates carry over between batches."""
     k = spec.block_size or 0
     if spec.mode == "ar":
         return MaskProposer(None, None), ConfidenceAcceptor(spec)
     if spec.mode == "budget":
         profile = meta.slot_profile  # present: ``resolve`` refused a checkpoint without one
         return BudgetProposer(profile, spec.budget), CountAcceptor(spec, int(profile["slots"]))
-    stats = SlotStats(prior)
+    stats = estimates.masks
     look = Lookahead(spec.mode, k, auto, cost, stats)
     if spec.mode == "parallel":
         return MaskProposer(look, stats), ConfidenceAcceptor(spec)
-    return DraftProposer(k, spec.draft_sources, look, stats, cost, auto), VerifyAcceptor()
+    return DraftProposer(k, spec.draft_sources, look, estimates, cost, auto), VerifyAcceptor()
 
 
 def _lookahead_record(spec: DecodingSpec, cost, batch: int, prior_source: str, auto: bool) -> dict:

@@ -93,6 +93,26 @@ def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int
     return md, ("mask" if md else None), ms[:len(md) + 1], e_mask
 
 
+@dataclass
+class Estimates:
+    """Running acceptance estimates: of the mask slots, and of 1-, 2- and 3-gram prompt-lookup drafts.
+
+    One object serves every batch of a decode call, and a caller may pass it on to later calls over the same
+    kind of text (the lm-eval model keeps one per task): short answers give each batch only a few forwards,
+    too few to learn from if every batch started again from the prior.
+    """
+
+    masks: SlotStats
+    ngram: list[SlotStats]
+    prior_source: str = "untrained"
+
+    @classmethod
+    def start(cls, prior: list[float], prior_source: str) -> "Estimates":
+        k = len(prior)
+        return cls(SlotStats(prior), [SlotStats([NGRAM_PRIOR] * k, strength=2.0) for _ in range(NGRAM_MAX)],
+                   prior_source)
+
+
 class MaskProposer:
     """AR (no lookahead) and parallel decoding: m masks after the pending tokens, m from a ``Lookahead``."""
 
@@ -127,12 +147,12 @@ class DraftProposer:
     it has them and prompt lookup otherwise, so its steps do not depend on the rest of the batch.
     """
 
-    def __init__(self, k_max: int, sources: tuple[str, ...], lookahead: Lookahead, mask_stats: SlotStats,
+    def __init__(self, k_max: int, sources: tuple[str, ...], lookahead: Lookahead, estimates: Estimates,
                  cost, auto: bool) -> None:
-        self.k_max, self.lookahead, self.mask_stats, self.cost, self.auto = k_max, lookahead, mask_stats, cost, auto
+        self.k_max, self.lookahead, self.cost, self.auto = k_max, lookahead, cost, auto
+        self.mask_stats, self.ngram_stats = estimates.masks, estimates.ngram
         self.use_masks = "mask" in sources
         self.use_ngram = "ngram" in sources and k_max > 0
-        self.ngram_stats = [SlotStats([NGRAM_PRIOR] * k_max, strength=2.0) for _ in range(NGRAM_MAX)]
         self._curves: dict = {}
 
     def start(self, row) -> None:
