@@ -278,6 +278,9 @@ def markdown(r: dict) -> str:
                   ""]
     if r.get("lm_eval_adapted"):
         lines += _lm_eval_md(r["lm_eval_adapted"], "lm-eval after adaptation (CARD checkpoint, AR)")
+    if r.get("resumed"):
+        lines += [f"resumed run: phases {', '.join(r['resumed']['phases_kept'])} come from an earlier run "
+                  f"(its settings that differ: {json.dumps(r['resumed']['their_settings_that_differ'])})", ""]
     if r.get("partial"):
         lines += [f"partial run: {r['partial']}", ""]
     return "\n".join(lines)
@@ -297,6 +300,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy box)")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the phases an earlier, stopped run (same --out and --work) finished; run the rest")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -304,10 +309,15 @@ def main(argv=None) -> dict:
     gguf = model_path(NAME, check=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="card-real-model-"))
     work.mkdir(parents=True, exist_ok=True)
-    r = {"settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")}, "environment": environment()}
+    r = {"settings": {k: v for k, v in vars(args).items() if k not in ("work", "out", "resume")},
+         "environment": environment()}
+    if args.resume:
+        r = _resumed(Path(args.out) / "real_model.json", r)
 
     def phase(key: str, fn, *a):
         """Run one phase and write everything measured so far, so a stopped run keeps its finished phases."""
+        if key in r:
+            return
         r["partial"] = f"stopped during the {key} phase"
         write_results(args.out, "real_model", r, markdown(r))
         r[key] = fn(*a)
@@ -323,6 +333,21 @@ def main(argv=None) -> dict:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _resumed(path: Path, fresh: dict) -> dict:
+    """The earlier run's finished phases under this run's settings; the settings that differ are recorded."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return fresh
+    kept = [k for k in PHASES if k in old]
+    changed = {k: v for k, v in old.get("settings", {}).items() if fresh["settings"].get(k) != v}
+    return {**{k: old[k] for k in kept}, **fresh,
+            "resumed": {"phases_kept": kept, "their_settings_that_differ": changed}}
+
+
+PHASES = ("convert", "generate", "modes", "lm_eval", "adapt", "modes_adapted", "lm_eval_adapted")
 
 
 def _phases(args, gguf: Path, work: Path, r: dict, phase) -> None:
