@@ -105,7 +105,7 @@ def file_prompts(path: str, n: int) -> list[str]:
 
 def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: int, block_size: int | None,
         threads: int | None, prompt_file: str | None = None, stop: tuple[str, ...] = (),
-        fixed: bool = True) -> tuple[dict, str]:
+        fixed: bool = True, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[dict, str]:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,10 +119,10 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
     specs = modes(threshold, block_size, fixed)
     # Warm-up: first-call allocations, and the cost model's measurement at every batch size (cached after).
     t = time.perf_counter()
-    for bs in BATCH_SIZES:
+    for bs in batch_sizes:
         decode(DecodingSpec("lossless"), model, tok, prompts[:bs], max_new_tokens=4, batch_size=bs)
     cost = CostModel.for_model(model)
-    for b in (1, 2, 4, 8):
+    for b in sorted({1, 2, 4, 8, *batch_sizes}):
         cost.table(b)
     warmup_s = time.perf_counter() - t
 
@@ -141,7 +141,7 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
 
     peers = [("hf-generate", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS})]
     for _ in range(repeats):  # interleave modes so that background load hits all of them alike
-        for bs in BATCH_SIZES:
+        for bs in batch_sizes:
             for label, spec in specs:
                 timed((label, bs), lambda: decode(spec, model, tok, prompts, max_new_tokens=max_new_tokens,
                                                   batch_size=bs, stop_strings=stop))
@@ -151,7 +151,7 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
                 timed((label, bs), lambda: hf_generate(model, tok, prompts, bs, max_new_tokens, stop, **kw))
 
     rows = []
-    for bs in BATCH_SIZES:
+    for bs in batch_sizes:
         ar_ids = [r.token_ids for r in outputs["ar", bs]]
         ar_tps = sum(map(len, ar_ids)) / statistics.median(runs["ar", bs])
         ar_cpu_tps = sum(map(len, ar_ids)) / statistics.median(cpu["ar", bs])
@@ -186,7 +186,7 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
                 row["prior"] = res[0].lookahead.get("prior")
             rows.append(row)
     costs = []
-    for b in BATCH_SIZES:
+    for b in batch_sizes:
         for q in QUERY_LENGTHS:
             costs.append({"batch": b, "query_tokens": q, "ms": 1000 * cost(b, q), "cost_vs_1": cost(b, q) / cost(b, 1)})
 
@@ -228,12 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-file", help="JSONL with a 'prompt' field (default: TinyStories sentences)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; the demo's is a newline)")
     p.add_argument("--auto-only", action="store_true", help="leave out the fixed-K runs (the old default)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--name", default="decode", help="output file stem")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     stop = tuple(x.encode().decode("unicode_escape") for x in args.stop)  # allow --stop '\n'
     data, md = run(args.model, args.max_new_tokens, args.prompts, args.repeats, args.block_size, args.threads,
-                   args.prompt_file, stop, fixed=not args.auto_only)
+                   args.prompt_file, stop, fixed=not args.auto_only,
+                   batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
     write_results(args.out, args.name, data, md)
     print(md)
 
