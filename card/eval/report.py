@@ -167,11 +167,6 @@ def print_results_table(results: Results, title: str, console=None) -> None:
 
 def _plot_png(results: Results, x_key: str, x_label: str) -> str | None:
     """Each generation task's score against its speed measure (one panel per task, one point per run); base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     def speed(run: Run, task: str):
         totals = run.decode.tasks.get(task)
         return None if totals is None else getattr(totals, x_key)
@@ -187,7 +182,7 @@ def _plot_png(results: Results, x_key: str, x_label: str) -> str | None:
             panels.append((t, m, pts))
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
     for ax, (t, m, pts) in zip(axes[0], panels):
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o")
         for (x, y), labels in pts.items():
@@ -197,9 +192,24 @@ def _plot_png(results: Results, x_key: str, x_label: str) -> str | None:
         ax.set_ylabel(m.split(",")[0])
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (reports never open a window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_png(fig) -> str:
+    """``fig`` as a base64 PNG, the figure closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -427,14 +437,9 @@ def budget_curve_png(results: Results, per_row: int = 3) -> str | None:
     curves = budget_curves(results)
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = math.ceil(len(curves) / per_row), min(per_row, len(curves))
     height = 3.0 * rows + 0.4  # inches; the last 0.4 hold the legend
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, height), dpi=110, squeeze=False)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(3.6 * cols, height), dpi=110, squeeze=False)
     for ax, c in zip(axes.flat, curves):
         _draw_curve(ax, c)
     for ax in list(axes.flat)[len(curves):]:
@@ -442,10 +447,7 @@ def budget_curve_png(results: Results, per_row: int = 3) -> str | None:
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _figure_png(fig)
 
 
 HTML_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
