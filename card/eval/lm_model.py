@@ -221,7 +221,10 @@ class CardLM(HFLM):
             size = self._decode_batch_size
             prepare(self.model, spec, [len(order[s:s + size]) for s in range(0, len(order), size)])  # not timed
             # What one batch of a task learns about acceptance, the next batch of that task starts from.
-            estimates = self._estimates.setdefault((task, repr(spec)), start_estimates(self.model, spec))
+            key = (task, repr(spec))
+            if key not in self._estimates:
+                self._estimates[key] = start_estimates(self.model, spec)
+            estimates = self._estimates[key]
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
                 t0 = time.perf_counter()
