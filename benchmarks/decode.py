@@ -47,7 +47,7 @@ def modes(threshold: float, block_size: int, fixed: bool = True) -> list[tuple[s
         ("lossless auto", DecodingSpec("lossless")),
         (f"lossless K={block_size}", DecodingSpec("lossless").with_(block_size=block_size)),
     ]
-    return [r for r in runs if fixed or "K=" not in r[0]]
+    return [(label, spec) for label, spec in runs if fixed or spec.block_size is None]
 
 
 def same_tokens(reference: list[list[int]], other: list[list[int]]) -> float:
