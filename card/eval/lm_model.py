@@ -223,7 +223,7 @@ class CardLM(HFLM):
             # What one batch of a task learns about acceptance, the next batch of that task starts from.
             key = (task, repr(spec))
             if key not in self._estimates:
-                self._estimates[key] = start_estimates(self.model, spec)
+                self._estimates[key] = start_estimates(self.model, spec, len(prompts[order[len(order) // 2]]))
             estimates = self._estimates[key]
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]

@@ -73,12 +73,12 @@ def decode_spec(
     auto = _is_auto(spec)
     cost = CostModel.for_model(model) if auto else None
     if estimates is None or len(estimates.masks.prior) != (spec.block_size or 0):
-        estimates = start_estimates(model, spec)
+        estimates = start_estimates(model, spec, _median(len(r.prompt_ids) for r in rows))
     results = []
     for start in range(0, len(rows), size):
         batch = rows[start:start + size]
         if cost is not None:
-            cost.table(len(batch))  # measure (once per model and device) outside the timed decode
+            cost.measure_up_to(len(batch))  # once per model and device, outside the timed decode
         proposer, acceptor = _mode(spec, cost, estimates, auto, meta)
         run_batch(model, tokenizer, batch, proposer, acceptor, mask_id, eos, suppress, on_step)
         look = _lookahead_record(spec, cost, len(batch), estimates.prior_source, auto)
@@ -99,6 +99,11 @@ def decode_spec(
     return results
 
 
+def _median(values) -> int:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
 def _is_auto(spec: DecodingSpec) -> bool:
     return spec.mode in ("parallel", "lossless") and spec.lookahead == "auto" and bool(spec.block_size)
 
@@ -114,8 +119,7 @@ def prepare(model: tf.PreTrainedModel, spec: DecodingSpec | str, batch_sizes: Se
     spec = _resolve(spec, read_metadata(model.config))
     if _is_auto(spec):
         cost = CostModel.for_model(model)
-        for b in sorted(set(batch_sizes)):
-            cost.table(b)
+        cost.measure_up_to(max(batch_sizes, default=1))
 
 
 def _resolve(spec: DecodingSpec, meta) -> DecodingSpec:
@@ -126,11 +130,14 @@ def _resolve(spec: DecodingSpec, meta) -> DecodingSpec:
     return spec.resolve(meta if meta is not None else SimpleNamespace(decoding=DecodingDefaults()))
 
 
-def start_estimates(model: tf.PreTrainedModel, spec: DecodingSpec | str) -> Estimates:
-    """Fresh acceptance estimates for decoding ``spec`` with ``model``, from the prior its checkpoint carries."""
+def start_estimates(model: tf.PreTrainedModel, spec: DecodingSpec | str, prompt_tokens: int | None = None) -> Estimates:
+    """Fresh acceptance estimates for decoding ``spec`` with ``model``, from the prior its checkpoint carries.
+
+    ``prompt_tokens``: the prompts' typical length (it selects the checkpoint's slot profile bucket).
+    """
     spec = DecodingSpec.parse(spec) if isinstance(spec, str) else spec
     spec = _resolve(spec, read_metadata(model.config))
-    prior, source = slot_prior(card_config(model), spec.block_size or 0)
+    prior, source = slot_prior(card_config(model), spec.block_size or 0, prompt_tokens)
     return Estimates.start(prior, source)
 
 
@@ -145,7 +152,7 @@ def _mode(spec: DecodingSpec, cost, estimates: Estimates, auto: bool, meta=None)
     stats = estimates.masks
     look = Lookahead(spec.mode, k, auto, cost, stats)
     if spec.mode == "parallel":
-        return MaskProposer(look, stats), ConfidenceAcceptor(spec)
+        return MaskProposer(look, stats, estimates.lengths if auto else None), ConfidenceAcceptor(spec)
     return DraftProposer(k, spec.draft_sources, look, estimates, cost, auto), VerifyAcceptor()
 
 

@@ -138,6 +138,12 @@ class CostModel:
         _MEMORY[digest] = cm
         return cm
 
+    def measure_up_to(self, batch: int) -> None:
+        """Measure every grid size a batch of ``batch`` rows reaches as its rows finish and leave it."""
+        for b in BATCH_GRID:
+            if b <= grid_batch(batch):
+                self.table(b)
+
     def table(self, batch: int) -> dict[int, float]:
         b = grid_batch(batch)
         if b not in self.tables:
@@ -152,15 +158,15 @@ class CostModel:
 
     def __call__(self, batch: int, q: float) -> float:
         """c(B, q) in seconds, q may be fractional (an expected query length)."""
-        b = grid_batch(batch)
-        dense = self._dense.get(b)
+        dense = self._dense.get(batch)  # keyed by the batch itself: the planner asks at every forward
         if dense is None:
-            table = self.table(b)
-            dense = self._dense[b] = [0.0] + [interpolate(table, q) for q in range(1, 2 * max(QUERY_GRID) + 2)]
+            table = self.table(batch)
+            dense = [0.0] + [interpolate(table, q) for q in range(1, 2 * max(QUERY_GRID) + 2)]
+            self._dense[batch] = dense
         if q < len(dense) - 1:
             lo = int(q)
             return dense[lo] + (dense[lo + 1] - dense[lo]) * (q - lo) if lo >= 1 else dense[1]
-        return interpolate(self.table(b), q)
+        return interpolate(self.table(batch), q)
 
     def break_even(self, batch: int, k: int) -> float:
         """Tokens a forward with k extra query tokens must commit to match AR: c(B, 1 + k) / c(B, 1)."""

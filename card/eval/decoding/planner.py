@@ -38,6 +38,8 @@ ADAPTED_PRIOR = 0.6  # an adapted checkpoint without a measured slot profile
 UNTRAINED_PRIOR = 0.02  # a converted, never adapted checkpoint: its masks predict almost nothing
 NGRAM_PRIOR = 0.5
 MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
+LENGTH_PRIOR = 1.0  # pseudo-answers that run to their budget (``LengthStats``)
+HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end (``finish_cost``)
 REPLAN = 4  # observations between two re-plannings (the estimates move slowly; planning costs Python time)
 
 
@@ -105,6 +107,41 @@ def critical_gain(remaining: Sequence[int], survivals: Sequence[Sequence[float]]
     return top - expected_max
 
 
+def commit_distribution(curve: Sequence[float], m: int) -> list[float]:
+    """P(a parallel forward with m masks commits x tokens), x = 1..m+1: p(x) = S(x-1) - S(x), p(m+1) = S(m)."""
+    s = survival(curve, m)
+    return [s[x - 1] - s[x] for x in range(1, m + 1)] + [s[m]]
+
+
+def forwards_to_finish(probs: Sequence[float], horizon: int) -> list[float]:
+    """N(r), r = 0..horizon: expected forwards to commit r more tokens, each forward committing x w.p. probs[x-1].
+
+    N(r) = 1 + sum_x p(x) N(max(0, r - x)),  N(0) = 0.  One token per forward (AR) gives N(r) = r; always
+    committing k gives ceil(r / k). A row that is about to end is where this differs from r / E[x]: 9 tokens
+    left are one forward with 8 good masks and two with 7.
+    """
+    n = [0.0] * (horizon + 1)
+    for r in range(1, horizon + 1):
+        n[r] = 1.0 + sum(p * n[max(0, r - x)] for x, p in enumerate(probs, 1))
+    return n
+
+
+def finish_cost(forwards: Sequence[float], tokens: float, remaining: Sequence[tuple[int, float]],
+                first: float, later: float) -> float:
+    """Expected seconds to finish a row: sum_R P(R) [first + (N(R) - 1) later].
+
+    ``forwards``: N(r) up to a horizon H, extended past it as N(H) + (r - H) / ``tokens`` (the stationary
+    rate); ``first``: this forward's cost (it re-feeds what is pending, a whole prompt at the start);
+    ``later``: a steady-state forward's.
+    """
+    h = len(forwards) - 1
+    total = 0.0
+    for r, p in remaining:
+        n = forwards[r] if r <= h else forwards[h] + (r - h) / tokens
+        total += p * (first + (n - 1.0) * later)
+    return total
+
+
 def explore_weight(tries: float, successes: float, patience: float = EXPLORE_PATIENCE) -> float:
     """Share of the exploration budget a slot still earns: w = 1 / (1 + max(0, tries - successes) / patience).
 
@@ -137,6 +174,14 @@ class SlotStats:
         self.tries = [0.0] * len(self.prior)
         self.version = 0  # bumped on every observation (callers cache derived curves on it)
         self.pending_decay = 0
+        self._memo: dict = {}
+
+    def memo(self, key, make: Callable[[], object]):
+        """``make()``, made again once ``REPLAN`` observations arrived since; shared by every batch using these stats."""
+        hit = self._memo.get(key)
+        if hit is None or self.version - hit[0] >= REPLAN:
+            hit = self._memo[key] = (self.version, make())
+        return hit[1]
 
     def rates(self) -> list[float]:
         n0 = self.strength
@@ -162,21 +207,62 @@ class SlotStats:
             self.pending_decay = 0
 
 
-def profile_prior(profile: dict, k: int) -> list[float] | None:
-    """a_1..a_k from a ``slot_profile``: a_j ~ accuracy(slot j+1) / accuracy(slot j), count-weighted over buckets.
+class LengthStats:
+    """Lengths of finished answers, forgotten by ``DECAY``: what is left of an answer still being written.
 
-    Slot 1 is the AR token, slot j+1 mask j; missing or malformed fields give None (the caller falls back).
+    Only answers that ended by themselves (EOS, stop string) teach a length; one that ran into its budget
+    says only "at least that long". ``LENGTH_PRIOR`` pseudo-weight sits on "runs to its budget", so before
+    any answer ended a row is planned as if it used its whole budget.
+    """
+
+    def __init__(self, decay: float = DECAY) -> None:
+        self.decay = decay
+        self.weights: dict[int, float] = {}  # length -> forgotten count
+        self.version = 0
+
+    def observe(self, length: int) -> None:
+        f = self.decay
+        self.weights = {n: w * f for n, w in self.weights.items() if w * f > 1e-3}
+        self.weights[length] = self.weights.get(length, 0.0) + 1.0
+        self.version += 1
+
+    def remaining(self, done: int, budget: int) -> list[tuple[int, float]]:
+        """[(R, P(R))] for a row with ``done`` tokens and at most ``budget`` more: R = min(L - done, budget)."""
+        at_budget, short = LENGTH_PRIOR, {}
+        for n, w in self.weights.items():
+            r = n - done
+            if r >= budget:
+                at_budget += w
+            elif r > 0:
+                short[r] = short.get(r, 0.0) + w
+        total = at_budget + sum(short.values())
+        return [(r, w / total) for r, w in sorted(short.items())] + [(budget, at_budget / total)]
+
+
+def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[float] | None:
+    """a_1..a_k from a ``slot_profile``: a_j ~ accuracy(slot j+1) / accuracy(slot j).
+
+    The accuracies are those of the prefix-length bucket holding ``prefix`` (the prompts' length) where it
+    has at least two slots measured: masks right after a long prompt do much better than after a short one.
+    Otherwise they are count-weighted over the buckets. Slot 1 is the AR token, slot j+1 mask j; missing
+    or malformed fields give None (the caller falls back).
     """
     try:
         acc = profile["accuracy"]
         counts = profile.get("count")
+        rows = [list(row) if isinstance(row, (list, tuple)) else [row] for row in acc]
+        weights = [list(counts[s]) if counts is not None and len(counts) > s else [1.0] * len(row)
+                   for s, row in enumerate(rows)]
+        bucket = _bucket(profile.get("bucket_edges"), prefix)
+        if bucket is not None:
+            only = [[c if b == bucket else 0 for b, c in enumerate(w)] for w in weights]
+            if sum(1 for row, w in zip(rows, only) if any(a is not None and c for a, c in zip(row, w))) >= 2:
+                weights = only
         means = []
-        for s, row in enumerate(acc):
-            row = list(row) if isinstance(row, (list, tuple)) else [row]
-            w = list(counts[s]) if counts is not None and len(counts) > s else [1.0] * len(row)
+        for row, w in zip(rows, weights):
             pairs = [(float(a), float(c)) for a, c in zip(row, w) if a is not None and c]
             if not pairs:
-                return None
+                break  # slots past the last one measured in the bucket: extrapolated below
             means.append(sum(a * c for a, c in pairs) / sum(c for _, c in pairs))
     except (KeyError, TypeError, ValueError, IndexError):
         return None
@@ -187,12 +273,25 @@ def profile_prior(profile: dict, k: int) -> list[float] | None:
     return rates[:k]
 
 
-def slot_prior(card_config: dict | None, k: int) -> tuple[list[float], str]:
-    """The prior a_1..a_k for mask slots and where it came from (``profile``, ``adapted`` or ``untrained``)."""
+def _bucket(edges, prefix: int | None) -> int | None:
+    """Index of the bucket [edges[b], edges[b+1]) holding ``prefix`` (the last one is open), None if unknown."""
+    if prefix is None or not isinstance(edges, (list, tuple)) or not edges:
+        return None
+    try:
+        return max(b for b, e in enumerate(edges) if prefix >= float(e))
+    except (ValueError, TypeError):
+        return None
+
+
+def slot_prior(card_config: dict | None, k: int, prefix: int | None = None) -> tuple[list[float], str]:
+    """The prior a_1..a_k for mask slots and where it came from (``profile``, ``adapted`` or ``untrained``).
+
+    ``prefix``: the typical prompt length, which picks the slot profile's prefix-length bucket.
+    """
     raw = card_config or {}
     profile = raw.get("slot_profile") if isinstance(raw, dict) else None
     if isinstance(profile, dict):
-        rates = profile_prior(profile, k)
+        rates = profile_prior(profile, k, prefix)
         if rates is not None:
             return rates, "profile"
     if raw.get("adaptation"):
@@ -232,6 +331,7 @@ class Lookahead:
         self.explore = explore
         self.budget = 0.0
         self._cached: tuple | None = None
+        self.horizon = HORIZON * (k_max + 1)
         self.exploring = False
 
     def best(self, batch: int) -> int:
@@ -249,12 +349,39 @@ class Lookahead:
         self._cached = (batch, self.stats.version, m)
         return m
 
-    def masks(self, batch: int) -> int:
-        """The masks of the next forward (at most ``k_max``)."""
+    def best_to_finish(self, batch: int, pending: int, remaining: list[tuple[int, float]]) -> int:
+        """Parallel, near a row's end: argmin_m of the expected seconds to finish it (``finish_cost``).
+
+        ``remaining``: [(R, P(R))] for the batch's slowest row, ``pending``: the longest pending segment.
+        """
+        tables = self._finish_tables()
+        cost = lambda q: self.cost(batch, q)  # noqa: E731
+        return best_lookahead(
+            lambda m: 1.0 / finish_cost(tables[m][0], tables[m][1], remaining, cost(pending + m),
+                                        cost(tables[m][1] + m)), self.k_max)
+
+    def _finish_tables(self) -> list[tuple[list[float], float]]:
+        """Per m: (N(r) for r up to the horizon, 1 + A(m)) for the current estimates."""
+        def make():
+            curve = accepted_curve(self.stats.rates())
+            return [(forwards_to_finish(commit_distribution(curve, m), self.horizon), 1.0 + curve[m])
+                    for m in range(self.k_max + 1)]
+
+        return self.stats.memo(("finish", self.k_max, self.horizon), make)
+
+    def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None) -> int:
+        """The masks of the next forward (at most ``k_max``).
+
+        ``remaining`` ([(R, P(R))] for the slowest row; parallel only): within ``horizon`` tokens of its end
+        the row is planned to its end, elsewhere by the stationary rate.
+        """
         self.exploring = False
         if not self.auto or self.k_max == 0:
             return self.k_max
-        m = self.best(batch)
+        if remaining and self.mode == "parallel" and remaining[0][0] <= self.horizon:
+            m = self.best_to_finish(batch, pending, remaining)
+        else:
+            m = self.best(batch)
         width = 1 + (2 * m if self.mode == "lossless" else m)
         if m < self.k_max:
             weight = explore_weight(self.stats.tries[m], self.stats.succ[m])

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from card.eval.decoding.planner import (
     MARGIN,
+    LengthStats,
     NGRAM_PRIOR,
-    REPLAN,
     Lookahead,
     SlotStats,
     accepted_curve,
@@ -22,6 +22,11 @@ from card.eval.decoding.planner import (
 )
 
 NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest first)
+# After n draft choices in a row that found no prompt-lookup draft worth its cost, the next
+# min(2^n - 1, LOOKUP_BACKOFF_MAX) forwards skip the lookups and the choice: on text where they never pay,
+# their Python work per row would make lossless slower than AR.
+LOOKUP_BACKOFF_MAX = 15
+UNBOUNDED = 1 << 30  # the length recorded for an answer its budget cut: longer than any budget
 
 
 @dataclass
@@ -46,25 +51,30 @@ class NgramIndex:
     """Prompt lookup over one row's text: for n = 3, 2, 1 the latest earlier position of every n-gram.
 
     ``lookup(L)`` returns up to L tokens that followed the latest earlier occurrence of the text's last n
-    tokens (the longest n that has one), and that n. Updating costs O(n) per appended token.
+    tokens (the longest n that has one), and that n. Appending is a list append; the n-gram maps catch up
+    at the next lookup (O(n) per token), so rows whose drafts are not being looked up pay nothing for them.
     """
 
     def __init__(self, ids: list[int]) -> None:
         self.seq: list[int] = []
         self.maps: list[dict[tuple[int, ...], int]] = [{} for _ in range(NGRAM_MAX)]
+        self.indexed = 0  # seq[:indexed] is in the maps
         self.extend(ids)
 
     def extend(self, tokens: list[int]) -> None:
+        self.seq.extend(tokens)
+
+    def _catch_up(self) -> None:
         seq, maps = self.seq, self.maps
-        for t in tokens:
-            i = len(seq)
-            for n in range(1, min(NGRAM_MAX, i) + 1):  # the n-gram ending just before t is followed by t
+        for i in range(self.indexed, len(seq)):  # the n-gram ending just before seq[i] is followed by it
+            for n in range(1, min(NGRAM_MAX, i) + 1):
                 maps[n - 1][tuple(seq[i - n:i])] = i
-            seq.append(t)
+        self.indexed = len(seq)
 
     def lookup(self, length: int) -> tuple[list[int], int]:
         if length <= 0:
             return [], 0
+        self._catch_up()
         seq = self.seq
         for n in range(min(NGRAM_MAX, len(seq)), 0, -1):
             j = self.maps[n - 1].get(tuple(seq[-n:]))
@@ -105,6 +115,7 @@ class Estimates:
     masks: SlotStats
     ngram: list[SlotStats]
     prior_source: str = "untrained"
+    lengths: LengthStats = field(default_factory=LengthStats)
 
     @classmethod
     def start(cls, prior: list[float], prior_source: str) -> "Estimates":
@@ -114,16 +125,25 @@ class Estimates:
 
 
 class MaskProposer:
-    """AR (no lookahead) and parallel decoding: m masks after the pending tokens, m from a ``Lookahead``."""
+    """AR (no lookahead) and parallel decoding: m masks after the pending tokens, m from a ``Lookahead``.
 
-    def __init__(self, lookahead: Lookahead | None, stats: SlotStats | None) -> None:
-        self.lookahead, self.stats = lookahead, stats
+    Near the end of the batch's slowest row (the one with the most budget left), m is planned to finish it,
+    with the remaining length drawn from the lengths of the answers that ended so far (``LengthStats``).
+    """
+
+    def __init__(self, lookahead: Lookahead | None, stats: SlotStats | None,
+                 lengths: LengthStats | None = None) -> None:
+        self.lookahead, self.stats, self.lengths = lookahead, stats, lengths
 
     def start(self, row) -> None:
         pass
 
     def propose(self, rows) -> Proposal:
-        m = self.lookahead.masks(len(rows)) if self.lookahead is not None else 0
+        m = 0
+        if self.lookahead is not None:
+            slowest = max(rows, key=_remaining)
+            remaining = self.lengths.remaining(len(slowest.tokens), _remaining(slowest)) if self.lengths else None
+            m = self.lookahead.masks(len(rows), max(len(r.pending) for r in rows), remaining)
         # Masks beyond every row's remaining budget can never be committed; masks only see the slots before
         # them, so dropping the trailing ones changes no prediction.
         m = max(0, min(m, max(_remaining(r) - 1 for r in rows)))
@@ -134,6 +154,12 @@ class MaskProposer:
             for o in outcomes:
                 self.stats.observe(o.proposed, o.accepted)
             self.stats.forget()
+        if self.lengths is not None:
+            for r in rows:
+                if r.finish_reason in ("eos", "stop"):
+                    self.lengths.observe(len(r.tokens))
+                elif r.finish_reason is not None:  # cut by its budget: only "at least this long"
+                    self.lengths.observe(UNBOUNDED)
 
 
 class DraftProposer:
@@ -143,7 +169,8 @@ class DraftProposer:
     of each row are the source with the larger expected number of accepted tokens; their common length d is
     the one maximising the expected progress of the batch's slowest row per second, ``critical_gain`` /
     c(B, pending + d + m) (see ``_choose``), never shorter than the mask drafts
-    already made (they are what the masks were paid for). With a fixed K, a row uses its mask drafts when
+    already made (they are what the masks were paid for). Choices that take no prompt-lookup draft make the
+    next lookups wait, 1, 3, 7, then 15 forwards. With a fixed K, a row uses its mask drafts when
     it has them and prompt lookup otherwise, so its steps do not depend on the rest of the batch.
     """
 
@@ -153,28 +180,31 @@ class DraftProposer:
         self.mask_stats, self.ngram_stats = estimates.masks, estimates.ngram
         self.use_masks = "mask" in sources
         self.use_ngram = "ngram" in sources and k_max > 0
-        self._curves: dict = {}
+        self._fruitless = 0  # consecutive draft choices that took no prompt-lookup draft
+        self._skip = 0  # forwards left before the next lookup (see LOOKUP_BACKOFF_MAX)
 
     def start(self, row) -> None:
         row.drafts = []
         row.ngram = NgramIndex(row.prompt_ids) if self.use_ngram else None
 
-    def _curve(self, stats: SlotStats) -> tuple[list[float], list[float]]:
-        """(A(j), S(j)) for j = 0..K from the current estimates, recomputed every ``REPLAN`` observations."""
-        key = id(stats)
-        hit = self._curves.get(key)
-        if hit is None or stats.version - hit[0] >= REPLAN:
+    @staticmethod
+    def _curve(stats: SlotStats) -> tuple[list[float], list[float]]:
+        """(A(j), S(j)) for j = 0..K from the current estimates."""
+        def make():
             curve = accepted_curve(stats.rates())
-            hit = self._curves[key] = (stats.version, curve, survival(curve, len(curve) - 1))
-        return hit[1], hit[2]
+            return curve, survival(curve, len(curve) - 1)
+
+        return stats.memo("curve", make)
 
     def propose(self, rows) -> Proposal:
         B = len(rows)
         m = self.lookahead.masks(B) if self.use_masks else 0
         mask_d = [r.drafts for r in rows]
         ngram: list[tuple[list[int], int]] = []
-        if self.use_ngram:
+        if self.use_ngram and self._skip == 0:
             ngram = [r.ngram.lookup(min(self.k_max, _remaining(r) - 1)) for r in rows]
+        elif self.use_ngram:
+            self._skip -= 1
         if not any(g for g, _ in ngram):
             drafts, sources = mask_d, ["mask" if d else None for d in mask_d]
         elif not self.auto:
@@ -182,6 +212,11 @@ class DraftProposer:
             sources = ["mask" if d else (f"ngram{n}" if g else None) for d, (g, n) in zip(mask_d, ngram)]
         else:
             drafts, sources = self._choose(rows, m, mask_d, ngram)
+            if any(s and s != "mask" for s in sources):
+                self._fruitless = 0
+            else:
+                self._fruitless += 1
+                self._skip = min(2 ** self._fruitless - 1, LOOKUP_BACKOFF_MAX)
         m = max(0, min(m, max(_remaining(r) - 1 - len(d) for r, d in zip(rows, drafts))))
         return Proposal(m, drafts, sources)
 

@@ -1,0 +1,152 @@
+"""Planning to the end of an answer, the answer-length estimates, the bucketed slot prior and lookup backoff.
+
+The math (``forwards_to_finish``, ``commit_distribution``, ``finish_cost``) is checked against exact cases
+and by simulation; the choice it drives against the cases where the answer is known; the backoff on
+converted stories260K, where prompt-lookup drafts rarely pay at batch 8, against greedy AR.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from card.checkpoint import load_checkpoint
+from card.eval.decoding import DecodingSpec, decode, decode_ar
+from card.eval.decoding import proposers as proposers_mod
+from card.eval.decoding.planner import (
+    LENGTH_PRIOR,
+    LengthStats,
+    Lookahead,
+    SlotStats,
+    accepted_curve,
+    commit_distribution,
+    finish_cost,
+    forwards_to_finish,
+    profile_prior,
+)
+from card.eval.decoding.proposers import UNBOUNDED, Estimates
+
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cost_cache")
+
+rates_st = st.lists(st.floats(0.0, 1.0), min_size=0, max_size=8)
+
+
+@given(rates_st)
+def test_commit_distribution_sums_to_one_and_its_mean_is_one_plus_accepted(rates):
+    curve = accepted_curve(rates)
+    for m in range(len(rates) + 1):
+        p = commit_distribution(curve, m)
+        assert len(p) == m + 1 and all(x >= -1e-12 for x in p)
+        assert sum(p) == pytest.approx(1.0)
+        assert sum(x * q for x, q in enumerate(p, 1)) == pytest.approx(1.0 + curve[m])
+
+
+@given(k=st.integers(1, 9), horizon=st.integers(0, 40))
+def test_forwards_to_finish_exact_cases(k, horizon):
+    assert forwards_to_finish([1.0], horizon) == [float(r) for r in range(horizon + 1)]  # AR: one per token
+    always = [0.0] * (k - 1) + [1.0]  # every forward commits k
+    assert forwards_to_finish(always, horizon) == pytest.approx([math.ceil(r / k) for r in range(horizon + 1)])
+
+
+@given(rates=rates_st, seed=st.integers(0, 10**6))
+@settings(max_examples=25, deadline=None)
+def test_forwards_to_finish_matches_simulation(rates, seed):
+    """N(r) = E[forwards until r tokens are committed], forwards committing x ~ p independently."""
+    p = commit_distribution(accepted_curve(rates), len(rates))
+    n = forwards_to_finish(p, 12)
+    rng = random.Random(seed)
+    runs = 3000
+    for r in (1, 5, 12):
+        total = 0
+        for _ in range(runs):
+            left, f = r, 0
+            while left > 0:
+                left -= rng.choices(range(1, len(p) + 1), weights=p)[0]
+                f += 1
+            total += f
+        assert total / runs == pytest.approx(n[r], abs=0.15 * n[r] + 0.05)
+    assert all(a <= b + 1e-12 for a, b in zip(n, n[1:]))  # more to write never takes fewer forwards
+
+
+def test_finish_cost_far_from_the_end_is_the_stationary_rate():
+    p = commit_distribution(accepted_curve([0.8] * 4), 4)
+    tokens = sum(x * q for x, q in enumerate(p, 1))
+    n = forwards_to_finish(p, 10)
+    far = finish_cost(n, tokens, [(1000, 1.0)], 1.0, 1.0)
+    assert far == pytest.approx(1000 / tokens, rel=0.02)
+    assert finish_cost(n, tokens, [(3, 0.5), (7, 0.5)], 2.0, 1.0) == pytest.approx(2.0 + 0.5 * (n[3] - 1) + 0.5 * (n[7] - 1))
+
+
+def test_a_row_near_its_end_gets_the_masks_that_finish_it():
+    """9 tokens left, masks that are nearly always right and cheap: 8 masks finish in one forward, 7 need two.
+
+    The stationary rate barely separates them (7.6 vs 6.8 tokens for 16 vs 15 query tokens); planning to
+    the end does. Useless masks still give AR.
+    """
+    cost = lambda b, q: 1.0 + 0.1 * (q - 1)  # noqa: E731
+    look = Lookahead("parallel", 8, True, cost, SlotStats([0.97] * 8))
+    assert look.best_to_finish(1, 1, [(9, 1.0)]) == 8
+    assert look.best_to_finish(1, 1, [(3, 1.0)]) == 2  # more masks than the answer has tokens buy nothing
+    useless = Lookahead("parallel", 8, True, cost, SlotStats([0.02] * 8))
+    assert useless.best_to_finish(1, 1, [(9, 1.0)]) == 0
+    assert useless.masks(1, 1, [(9, 1.0)]) in (0, 1)  # at most an exploring mask
+
+
+def test_length_stats_learn_where_answers_end():
+    lengths = LengthStats()
+    assert lengths.remaining(0, 16) == [(16, 1.0)]  # nothing seen: the whole budget
+    for _ in range(9):
+        lengths.observe(8)
+    rem = dict(lengths.remaining(3, 13))
+    assert sum(rem.values()) == pytest.approx(1.0)
+    assert rem[5] > 0.85 and rem[13] == pytest.approx(LENGTH_PRIOR / (LENGTH_PRIOR + sum(lengths.weights.values())))
+    lengths.observe(UNBOUNDED)  # cut by its budget: says nothing short
+    assert set(dict(lengths.remaining(3, 13))) == {5, 13}
+    assert lengths.remaining(9, 7) == [(7, 1.0)]  # past every length seen: the budget again
+
+
+def test_parallel_decoding_learns_answer_lengths_and_stays_consistent(stories):
+    """Answers cut at a stop string teach the lengths; the output of every forward is still a committed prefix."""
+    prompts = ["Once upon a time", "Tom had a red ball", "One day, a little girl named Lily", "The sun was hot"]
+    est = Estimates.start([0.6] * 4, "adapted")
+    out = decode(DecodingSpec.parse("parallel@0.9", block_size=4).with_(lookahead="auto"), stories.model,
+                 stories.tokenizer, prompts, max_new_tokens=40, stop_strings=["."], batch_size=2, estimates=est)
+    stopped = [r for r in out if r.finish_reason == "stop"]
+    assert stopped and est.lengths.version >= len(stopped)
+    assert all(sum(map(len, r.steps)) == r.new_tokens for r in out)
+
+
+def test_slot_prior_uses_the_prompt_length_bucket():
+    profile = {"bucket_edges": [0, 16, 64], "slots": 4,
+               "accuracy": [[0.4, 0.9, None], [0.2, 0.88, None], [0.1, 0.86, None], [0.05, None, None]],
+               "count": [[100, 50, 0], [100, 40, 0], [100, 30, 0], [100, 0, 0]]}
+    long_prompt = profile_prior(profile, 3, prefix=20)
+    assert long_prompt[:2] == pytest.approx([0.88 / 0.9, 0.86 / 0.88])
+    assert long_prompt[2] < long_prompt[1]  # not measured in that bucket: extrapolated downwards
+    assert profile_prior(profile, 3, prefix=3) == pytest.approx([0.5, 0.5, 0.5])
+    assert profile_prior(profile, 3, prefix=500) == profile_prior(profile, 3)  # empty bucket: all buckets
+
+
+@pytest.fixture(scope="module")
+def stories(stories_card):
+    return load_checkpoint(stories_card, dtype="float32", require_card=True)
+
+
+def test_lookups_back_off_where_they_do_not_pay_and_output_stays_ar(stories, monkeypatch):
+    """Converted stories260K at batch 8: prompt-lookup drafts rarely shorten the slowest row, so the lookups
+    (and the choice they feed) wait between tries instead of running at every forward."""
+    calls = []
+    lookup = proposers_mod.NgramIndex.lookup
+    monkeypatch.setattr(proposers_mod.NgramIndex, "lookup", lambda self, n: calls.append(n) or lookup(self, n))
+    prompts = ["Once upon a time", "Tom had a red ball", "One day, a little girl named Lily", "The sun was hot",
+               "Sam and his dog", "There was a big tree", "Mia liked to sing", "A bird flew"]
+    ar = decode_ar(stories.model, stories.tokenizer, prompts, max_new_tokens=64)
+    ll = decode(DecodingSpec("lossless"), stories.model, stories.tokenizer, prompts, max_new_tokens=64, batch_size=8)
+    assert [x.token_ids for x in ll] == [x.token_ids for x in ar]
+    forwards = max(x.forwards for x in ll)
+    assert len(calls) < 0.5 * forwards * len(prompts)
+
