@@ -150,3 +150,26 @@ def test_lookups_back_off_where_they_do_not_pay_and_output_stays_ar(stories, mon
     forwards = max(x.forwards for x in ll)
     assert len(calls) < 0.5 * forwards * len(prompts)
 
+
+
+@pytest.fixture(scope="module")
+def tokenizers(stories, tiny_ckpt):
+    from transformers import AutoTokenizer
+
+    return [stories.tokenizer] + [AutoTokenizer.from_pretrained(tiny_ckpt(a)) for a in ("gpt2", "qwen2", "llama")]
+
+
+@given(which=st.integers(0, 3), ids=st.lists(st.integers(0, 299), max_size=30), cleanup=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_stop_check_decoder_is_the_tokenizers_decode(tokenizers, which, ids, cleanup):
+    """The stop-string check decodes without transformers' wrapper only where the wrapper changes nothing."""
+    from card.eval.decoding.engine import text_decoder
+
+    tok = tokenizers[which]
+    ids = [i % len(tok) for i in ids]
+    before = tok.clean_up_tokenization_spaces
+    tok.clean_up_tokenization_spaces = cleanup
+    try:
+        assert text_decoder(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
+    finally:
+        tok.clean_up_tokenization_spaces = before

@@ -147,7 +147,20 @@ def make_rows(model, tokenizer, requests: list[Request], seed: int | None, max_n
     return rows
 
 
-def finish_step(row: Row, new: list[int], eos_ids: tuple[int, ...], tokenizer) -> list[int]:
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=True)``, without the Python wrapper where it adds nothing.
+
+    The stop-string check decodes every row after every forward; transformers' wrapper costs about 8 us a
+    call over the Rust decoder's 1-2, a tenth of a batch-32 decode step. Where the wrapper would change the
+    text (``clean_up_tokenization_spaces``) or there is no Rust decoder, the wrapper is used.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def finish_step(row: Row, new: list[int], eos_ids: tuple[int, ...], decode_text: Callable[[list[int]], str]) -> list[int]:
     """Cut the tokens proposed by one forward at the budget, an EOS or a stop string; set finish_reason."""
     new = new[:row.max_new_tokens - len(row.tokens)]
     for j, t in enumerate(new):
@@ -156,7 +169,7 @@ def finish_step(row: Row, new: list[int], eos_ids: tuple[int, ...], tokenizer) -
             return new[:j + 1]
     if row.stop_strings:
         def hit(k: int) -> bool:
-            text = tokenizer.decode(row.tokens + new[:k], skip_special_tokens=True)
+            text = decode_text(row.tokens + new[:k])
             return any(s in text for s in row.stop_strings)
 
         if hit(len(new)):
@@ -182,6 +195,7 @@ def run_batch(model, tokenizer, rows: list[Row], proposer, acceptor, mask_id: in
     cache = tf.DynamicCache(config=model.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     suppress_t = torch.tensor(suppress, dtype=torch.long, device=device) if suppress else None
+    decode_text = text_decoder(tokenizer)
     for r in rows:
         proposer.start(r)
     active = list(rows)
@@ -213,7 +227,7 @@ def run_batch(model, tokenizer, rows: list[Row], proposer, acceptor, mask_id: in
 
         drops, committed = [], []  # per row: trailing slots of this forward that must not stay cached
         for r, d, o in zip(active, proposal.drafts, outcomes):
-            new = finish_step(r, o.tokens, eos_ids, tokenizer)
+            new = finish_step(r, o.tokens, eos_ids, decode_text)
             r.position += len(r.pending) + o.cached  # pending and the accepted drafts are now cached
             drops.append(len(d) - o.cached + m)
             r.pending = new[o.cached:]

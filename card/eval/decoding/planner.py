@@ -174,13 +174,15 @@ class SlotStats:
         self.tries = [0.0] * len(self.prior)
         self.version = 0  # bumped on every observation (callers cache derived curves on it)
         self.pending_decay = 0
+        self.rounds = 0  # forwards that brought observations (``forget`` calls)
         self._memo: dict = {}
 
     def memo(self, key, make: Callable[[], object]):
-        """``make()``, made again once ``REPLAN`` observations arrived since; shared by every batch using these stats."""
+        """``make()``, made again once ``REPLAN`` forwards brought observations; shared by every batch using these
+        stats. Counted in forwards, not observations: a batch of 32 rows observes 32 times a forward."""
         hit = self._memo.get(key)
-        if hit is None or self.version - hit[0] >= REPLAN:
-            hit = self._memo[key] = (self.version, make())
+        if hit is None or self.rounds - hit[0] >= REPLAN:
+            hit = self._memo[key] = (self.rounds, make())
         return hit[1]
 
     def rates(self) -> list[float]:
@@ -201,6 +203,7 @@ class SlotStats:
     def forget(self) -> None:
         """Apply the forgetting of the observations since the last call (once per forward: cheaper)."""
         if self.pending_decay:
+            self.rounds += 1
             f = self.decay ** self.pending_decay
             self.succ = [x * f for x in self.succ]
             self.tries = [x * f for x in self.tries]
