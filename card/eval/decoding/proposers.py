@@ -22,7 +22,7 @@ from card.eval.decoding.planner import (
 )
 
 NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest first)
-# After n draft choices in a row that found no prompt-lookup draft worth its cost, the next
+# In a batch, after n draft choices in a row that found no prompt-lookup draft worth its cost, the next
 # min(2^n - 1, LOOKUP_BACKOFF_MAX) forwards skip the lookups and the choice: on text where they never pay,
 # their Python work per row would make lossless slower than AR.
 LOOKUP_BACKOFF_MAX = 15
@@ -169,8 +169,8 @@ class DraftProposer:
     of each row are the source with the larger expected number of accepted tokens; their common length d is
     the one maximising the expected progress of the batch's slowest row per second, ``critical_gain`` /
     c(B, pending + d + m) (see ``_choose``), never shorter than the mask drafts
-    already made (they are what the masks were paid for). Choices that take no prompt-lookup draft make the
-    next lookups wait, 1, 3, 7, then 15 forwards. With a fixed K, a row uses its mask drafts when
+    already made (they are what the masks were paid for). In a batch, choices that take no prompt-lookup draft
+    make the next lookups wait, 1, 3, 7, then 15 forwards. With a fixed K, a row uses its mask drafts when
     it has them and prompt lookup otherwise, so its steps do not depend on the rest of the batch.
     """
 
@@ -214,7 +214,7 @@ class DraftProposer:
             drafts, sources = self._choose(rows, m, mask_d, ngram)
             if any(s and s != "mask" for s in sources):
                 self._fruitless = 0
-            else:
+            elif B > 1:  # one row's lookup is cheap next to a forward; a batch's costs per row
                 self._fruitless += 1
                 self._skip = min(2 ** self._fruitless - 1, LOOKUP_BACKOFF_MAX)
         m = max(0, min(m, max(_remaining(r) - 1 - len(d) for r, d in zip(rows, drafts))))
