@@ -13,13 +13,15 @@ fixed block size; ``lossless`` automatic (mask + prompt-lookup drafts) and fixed
 batch 1 only: transformers refuses larger batches for it). Per run: tokens, forwards, tokens per forward,
 tokens per second (wall, median of ``--repeats``), the speedup over our AR in the same run, the same per CPU
 second of this process, the fraction of tokens the same as AR, and for automatic lookahead the masks and drafts chosen per
-forward and the break-even the cost model gave. A second table is the cost model's c(B, q) itself.
+forward and the break-even the cost model gave. A second table is the cost model's c(B, q) itself. Each
+timed run starts after a garbage collection and runs with the collector off, as ``timeit`` does.
 Writes ``NAME.json`` and ``NAME.md`` into ``--out`` and prints the markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -133,10 +135,15 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
 
     def timed(key, fn):
         n0 = counter.n
-        t, c = time.perf_counter(), time.process_time()
-        outputs[key] = fn()
-        runs.setdefault(key, []).append(time.perf_counter() - t)
-        cpu.setdefault(key, []).append(time.process_time() - c)
+        gc.collect()  # as timeit does: one run's garbage must not be collected inside the next one's timing
+        gc.disable()
+        try:
+            t, c = time.perf_counter(), time.process_time()
+            outputs[key] = fn()
+            runs.setdefault(key, []).append(time.perf_counter() - t)
+            cpu.setdefault(key, []).append(time.process_time() - c)
+        finally:
+            gc.enable()
         hf_forwards[key] = counter.n - n0
 
     peers = [("hf-generate", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS})]
