@@ -245,20 +245,20 @@ def test_measured_cost_with_untrained_prior_plans_ar_and_explores_little(tiny):
         chosen = [look.masks(4) for _ in range(400)]
         assert look.best(4) == 0
         assert 0 < sum(m > 0 for m in chosen) < 0.25 * len(chosen)  # bounded exploration happens
-        assert max(chosen) == 1
+        assert set(chosen) == {0, 8}  # an exploring forward carries the whole block
 
 
 def test_exploration_fades_on_a_slot_that_keeps_failing():
     """Useless masks confirmed by observation cost a fraction of the exploration they cost at first."""
     cost = lambda b, q: 1.0 + 0.2 * (q - 1)  # noqa: E731
     fresh = Lookahead("parallel", 4, True, cost, SlotStats([0.02] * 4))
-    unobserved = sum(fresh.masks(1) > 0 for _ in range(1000))  # nothing learnt: the full share
+    unobserved = sum(fresh.masks(1) > 0 for _ in range(3000))  # nothing learnt: the full share
     stats = SlotStats([0.02] * 4)
     look = Lookahead("parallel", 4, True, cost, stats)
     late = 0
-    for i in range(2000):
+    for i in range(6000):
         m = look.masks(1)
-        late += i >= 1000 and m > 0
+        late += i >= 3000 and m > 0
         stats.observe(m, 0)  # never accepted
         stats.forget()
     assert 0 < late < 0.5 * unobserved

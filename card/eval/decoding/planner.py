@@ -20,7 +20,8 @@ forward costs the loop some Python time besides (drafts, verification, cache boo
 Estimates start from a prior the checkpoint carries (``slot_prior``) and follow the observed acceptances
 (``SlotStats``: Beta-style pseudo-counts, exponentially forgotten so that they track the text). A slot that
 is never tried cannot be learnt, so ``Lookahead`` spends at most ``EXPLORE`` of the measured forward time
-on trying one slot more than the estimates ask for: a good model whose prior said "untrained" is discovered.
+on trying the whole block where the estimates ask for fewer: a good model whose prior said "untrained" is
+discovered, and so are deep slots whose prior is too low.
 That share shrinks as the explored slot keeps failing (``explore_weight``), so a model whose masks are
 confirmed useless pays almost nothing for the search.
 """
@@ -389,8 +390,10 @@ class Lookahead:
         if m < self.k_max:
             weight = explore_weight(self.stats.tries[m], self.stats.succ[m])
             self.budget += self.explore * weight * self.cost(batch, width)
-            e = m + 1
-            # Exploring pays twice: the mask now, and next forward the drafts' verification (lossless) or the
+            # An exploring forward carries the whole block: it observes every slot up to the first miss, so
+            # deep slots whose prior is too low (never tried at the chosen m) are learnt in one go.
+            e = self.k_max
+            # Exploring pays twice: the masks now, and next forward the drafts' verification (lossless) or the
             # re-fed accepted tokens (parallel).
             extra = 2 * (self.cost(batch, 1 + 2 * e) - self.cost(batch, width)) if self.mode == "lossless" else 2 * (
                 self.cost(batch, 1 + e) - self.cost(batch, 1 + m))
