@@ -205,6 +205,8 @@ class DraftProposer:
             ngram = [r.ngram.lookup(min(self.k_max, _remaining(r) - 1)) for r in rows]
         elif self.use_ngram:
             self._skip -= 1
+        if m == 0 and not ngram and not any(mask_d):  # an AR step: no per-row work
+            return Proposal(0, mask_d, [None] * B)
         if not any(g for g, _ in ngram):
             drafts, sources = mask_d, ["mask" if d else None for d in mask_d]
         elif not self.auto:
