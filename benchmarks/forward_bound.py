@@ -1,0 +1,112 @@
+"""How much of a decode is the model's forwards: the speedup each mode could reach if the loop cost nothing.
+
+    python -m benchmarks.forward_bound CKPT --prompt-file F [--prompt-file G ...] [--modes ar,parallel@0.9,lossless]
+                                       [--batch-size 32] [--threads 2] [--max-new-tokens 16] [--stop '\\n']
+                                       [--repeats 5] [--out benchmarks/results] [--name forward_bound]
+
+Every mode decodes the same prompts (token ids, as lm-eval passes them) in interleaved repeats, each after a
+garbage collection and with the collector off. ``model.forward`` is wrapped to sum the wall time spent
+inside it. Per mode: forwards, the whole decode and the time inside forwards (medians), the speedup over
+AR, and the bound the forwards alone set on it, AR's forward time over the mode's. Where the speedup equals
+the bound the loop's own work no longer matters: the forwards themselves do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import environment, markdown_table, write_results
+
+
+def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, max_new_tokens: int,
+        stop: list[str], repeats: int) -> dict:
+    from card.checkpoint import load_checkpoint
+    from card.eval.decoding import decode, prepare
+
+    ck = load_checkpoint(ckpt, dtype="float32", require_card=True)
+    prompts = []
+    for path in prompt_files:
+        with open(path, encoding="utf-8") as f:
+            prompts += [ck.tokenizer(json.loads(line)["prompt"])["input_ids"] for line in f if line.strip()]
+    model, inner = ck.model, ck.model.forward
+    clock = {"seconds": 0.0, "forwards": 0}
+
+    def timed_forward(*args, **kwargs):
+        t = time.perf_counter()
+        out = inner(*args, **kwargs)
+        clock["seconds"] += time.perf_counter() - t
+        clock["forwards"] += 1
+        return out
+
+    model.forward = timed_forward
+    for mode in modes:  # warm-up, and the cost model measured outside the timing
+        prepare(model, mode, [batch_size])
+        decode(mode, model, ck.tokenizer, prompts[:2 * batch_size], max_new_tokens=max_new_tokens,
+               batch_size=batch_size, stop_strings=stop)
+    total: dict[str, list[float]] = {m: [] for m in modes}
+    inside: dict[str, list[float]] = {m: [] for m in modes}
+    forwards: dict[str, int] = {}
+    for _ in range(repeats):
+        for mode in modes:
+            clock.update(seconds=0.0, forwards=0)
+            gc.collect()
+            gc.disable()
+            try:
+                t = time.perf_counter()
+                decode(mode, model, ck.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       stop_strings=stop)
+                total[mode].append(time.perf_counter() - t)
+            finally:
+                gc.enable()
+            inside[mode].append(clock["seconds"])
+            forwards[mode] = clock["forwards"]
+    med = {m: statistics.median(total[m]) for m in modes}
+    med_in = {m: statistics.median(inside[m]) for m in modes}
+    base = modes[0]
+    rows = [{"mode": m, "forwards": forwards[m], "decode_ms": 1000 * med[m], "forward_ms": 1000 * med_in[m],
+             "speedup_vs_first": med[base] / med[m], "forward_bound": med_in[base] / med_in[m]} for m in modes]
+    return {"settings": {"model": ckpt, "prompt_files": prompt_files, "prompts": len(prompts), "modes": modes,
+                         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "stop_strings": stop,
+                         "repeats": repeats, **environment()},
+            "results": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--prompt-file", action="append", required=True, help="JSONL with a 'prompt' field; repeatable")
+    ap.add_argument("--modes", default="ar,parallel@0.9,parallel@0.5,lossless", help="the first is the baseline")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); '\\n' is a newline")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="forward_bound")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    stop = [s.encode().decode("unicode_escape") for s in a.stop]
+    doc = run(a.ckpt, a.prompt_file, [m.strip() for m in a.modes.split(",") if m.strip()], a.batch_size,
+              a.max_new_tokens, stop, a.repeats)
+    s = doc["settings"]
+    md = "\n\n".join([
+        f"## Forward time bound: {s['model']}, {s['prompts']} prompts, batch {s['batch_size']}, "
+        f"{s['threads']} thread(s), median of {s['repeats']} interleaved repeats",
+        markdown_table(doc["results"], [("mode", "mode"), ("forwards", "forwards"), ("decode_ms", "decode ms"),
+                                        ("forward_ms", "inside forwards ms"),
+                                        ("speedup_vs_first", f"speedup vs {s['modes'][0]}"),
+                                        ("forward_bound", "bound from the forwards alone")]),
+    ])
+    write_results(a.out, a.name, doc, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
