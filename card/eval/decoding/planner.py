@@ -13,6 +13,11 @@ Every forward commits slot 1 (the exact AR token) plus the accepted slots.
   of B rows is wide (1 + 2m) unless all rows are in N:  r(m) = B [pi_D (1 + A(m)) + pi_N] /
   [(1 - pi_N^B) c(B, 1 + 2m) + pi_N^B c(B, 1 + m)].
 
+Near the end of an answer a parallel row is planned to its end instead (``forwards_to_finish``,
+``finish_cost``): with 9 tokens left, 8 good masks finish in one forward and 7 need two, which the
+stationary rate barely tells apart. The remaining length comes from the answers that already ended
+(``LengthStats``).
+
 m = 0 is plain AR, r(0) = 1 / c(B, 1), so the chosen m = argmax r(m) is never predicted slower than AR; a
 lookahead must promise ``MARGIN`` (10%) more than AR, since c(B, q) times the model only and a lookahead
 forward costs the loop some Python time besides (drafts, verification, cache bookkeeping).
@@ -41,7 +46,9 @@ NGRAM_PRIOR = 0.5
 MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
 LENGTH_PRIOR = 1.0  # pseudo-answers that run to their budget (``LengthStats``)
 HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end (``finish_cost``)
-REPLAN = 4  # observations between two re-plannings (the estimates move slowly; planning costs Python time)
+# Re-plan after this many observations (``Lookahead.best``) or forwards with observations (``SlotStats.memo``):
+# the estimates move slowly and planning costs Python time.
+REPLAN = 4
 
 
 # ------------------------------------------------------------------------------------------ math
