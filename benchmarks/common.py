@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +68,18 @@ def story_prompts(n: int, sentences: int = 1, min_chars: int = 20) -> list[str]:
         if len(prompts) == n:
             return prompts
     raise ValueError(f"only {len(prompts)} prompts found in {STORIES_FILE}")
+
+
+@contextmanager
+def gc_paused():
+    """A garbage collection now and none inside, as timeit does: one timed run's garbage is not collected
+    inside the next one's timing."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def environment() -> dict:

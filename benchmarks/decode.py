@@ -22,7 +22,6 @@ Writes ``NAME.json`` and ``NAME.md`` into ``--out`` and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import tempfile
 import time
@@ -30,7 +29,14 @@ import time
 import torch
 import transformers as tf
 
-from benchmarks.common import converted_stories260k, environment, markdown_table, story_prompts, write_results
+from benchmarks.common import (
+    converted_stories260k,
+    environment,
+    gc_paused,
+    markdown_table,
+    story_prompts,
+    write_results,
+)
 from card.checkpoint import load_checkpoint
 from card.eval.decoding import CostModel, DecodingSpec, decode
 
@@ -98,8 +104,8 @@ class ForwardCounter:
         self.n += 1
 
 
-def file_prompts(path: str, n: int) -> list[str]:
-    """The first ``n`` prompts of a JSONL file with a ``prompt`` field (e.g. the demo's held-out problems)."""
+def file_prompts(path: str, n: int | None = None) -> list[str]:
+    """The first ``n`` (None: all) prompts of a JSONL file with a ``prompt`` field (e.g. the demo's held-out problems)."""
     import json
 
     lines = [json.loads(x)["prompt"] for x in open(path, encoding="utf-8") if x.strip()]
@@ -136,15 +142,11 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
 
     def timed(key, fn):
         n0 = counter.n
-        gc.collect()  # as timeit does: one run's garbage must not be collected inside the next one's timing
-        gc.disable()
-        try:
+        with gc_paused():
             t, c = time.perf_counter(), time.process_time()
             outputs[key] = fn()
             runs.setdefault(key, []).append(time.perf_counter() - t)
             cpu.setdefault(key, []).append(time.process_time() - c)
-        finally:
-            gc.enable()
         hf_forwards[key] = counter.n - n0
 
     peers = [("hf-generate", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS})]

@@ -14,14 +14,13 @@ the bound the loop's own work no longer matters: the forwards themselves do.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import environment, markdown_table, write_results
+from benchmarks.common import environment, gc_paused, markdown_table, write_results
+from benchmarks.decode import file_prompts
 
 
 def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, max_new_tokens: int,
@@ -30,10 +29,7 @@ def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, m
     from card.eval.decoding import decode, prepare
 
     ck = load_checkpoint(ckpt, dtype="float32", require_card=True)
-    prompts = []
-    for path in prompt_files:
-        with open(path, encoding="utf-8") as f:
-            prompts += [ck.tokenizer(json.loads(line)["prompt"])["input_ids"] for line in f if line.strip()]
+    prompts = [ck.tokenizer(p)["input_ids"] for path in prompt_files for p in file_prompts(path)]
     model, inner = ck.model, ck.model.forward
     clock = {"seconds": 0.0, "forwards": 0}
 
@@ -55,15 +51,11 @@ def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, m
     for _ in range(repeats):
         for mode in modes:
             clock.update(seconds=0.0, forwards=0)
-            gc.collect()
-            gc.disable()
-            try:
+            with gc_paused():
                 t = time.perf_counter()
                 decode(mode, model, ck.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        stop_strings=stop)
                 total[mode].append(time.perf_counter() - t)
-            finally:
-                gc.enable()
             inside[mode].append(clock["seconds"])
             forwards[mode] = clock["forwards"]
     med = {m: statistics.median(total[m]) for m in modes}

@@ -219,7 +219,7 @@ class CardLM(HFLM):
             # Longest first (as HFLM does): batches hold prompts of similar length.
             order = sorted(indices, key=lambda i: (-len(prompts[i]), requests[i].args[0]))
             size = self._decode_batch_size
-            prepare(self.model, spec, [len(order[s:s + size]) for s in range(0, len(order), size)])  # not timed
+            prepare(self.model, spec, [min(size, len(order))])  # not timed
             # What one batch of a task learns about acceptance, the next batch of that task starts from.
             key = (task, repr(spec))
             if key not in self._estimates:

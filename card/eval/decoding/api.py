@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import statistics
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -73,7 +74,7 @@ def decode_spec(
     auto = _is_auto(spec)
     cost = CostModel.for_model(model) if auto else None
     if estimates is None or len(estimates.masks.prior) != (spec.block_size or 0):
-        estimates = start_estimates(model, spec, _median(len(r.prompt_ids) for r in rows))
+        estimates = start_estimates(model, spec, statistics.median_high(len(r.prompt_ids) for r in rows))
     results = []
     for start in range(0, len(rows), size):
         batch = rows[start:start + size]
@@ -97,11 +98,6 @@ def decode_spec(
                            "masks_per_forward": r.masks / r.forwards if r.forwards else 0.0},
             ))
     return results
-
-
-def _median(values) -> int:
-    values = sorted(values)
-    return values[len(values) // 2]
 
 
 def _is_auto(spec: DecodingSpec) -> bool:
