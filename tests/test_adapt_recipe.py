@@ -108,6 +108,9 @@ def test_overrides_types_and_defaults(tmp_path, text_file):
     ("deepspeed=/no/such/ds.json", "recipe key deepspeed: no such file or directory: /no/such/ds.json"),
     ("model=/no/such/ckpt", "recipe key model: no such directory: /no/such/ckpt"),
     ("noequals", "--set expects key.sub=value, got 'noequals'"),
+    ("decoding.threshold=0", "recipe key decoding.threshold: must be in (0, 1], got 0"),
+    ("decoding.block_size=-1", "recipe key decoding.block_size: must be >= 0, got -1"),
+    ("decoding.block=4", "unknown recipe key decoding.block (did you mean decoding.block_size?)"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text_file, override, expected):
     rec = write_recipe(tmp_path / "r.yaml", model=str(tmp_path), data={"path": str(text_file)})

@@ -25,6 +25,7 @@ from card.eval.decoding.planner import (
     accepted_curve,
     commit_distribution,
     finish_cost,
+    finish_tables,
     forwards_to_finish,
     profile_prior,
 )
@@ -50,6 +51,16 @@ def test_forwards_to_finish_exact_cases(k, horizon):
     assert forwards_to_finish([1.0], horizon) == [float(r) for r in range(horizon + 1)]  # AR: one per token
     always = [0.0] * (k - 1) + [1.0]  # every forward commits k
     assert forwards_to_finish(always, horizon) == pytest.approx([math.ceil(r / k) for r in range(horizon + 1)])
+
+
+@given(rates=rates_st, horizon=st.integers(0, 40))
+@settings(max_examples=50, deadline=None)
+def test_finish_tables_equal_the_recurrence_for_every_m(rates, horizon):
+    curve = accepted_curve(rates)
+    n, tokens = finish_tables(curve, len(rates), horizon)
+    for m in range(len(rates) + 1):
+        assert list(n[m]) == pytest.approx(forwards_to_finish(commit_distribution(curve, m), horizon), abs=1e-9)
+        assert tokens[m] == pytest.approx(1.0 + curve[m])
 
 
 @given(rates=rates_st, seed=st.integers(0, 10**6))

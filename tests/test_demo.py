@@ -37,6 +37,8 @@ def test_demo_quick_writes_the_report_and_parallel_decodes_several_tokens_per_fo
     ar_cfg = json.loads((out / "ar" / "final" / "config.json").read_text())
     card_cfg = json.loads((out / "card" / "final" / "config.json").read_text())
     assert "card" not in ar_cfg and card_cfg["card"]["adaptation"][0]["objective"]["kind"] == "card"
+    # the demo recipe's decoding section reached the consolidated checkpoint, and the profile covers its block
+    assert card_cfg["card"]["decoding"]["block_size"] == 16 and card_cfg["card"]["slot_profile"]["slots"] == 17
     for claim in ("tokens per forward", "within 2 points of AR", "lossless outputs identical to AR"):
         assert claim in p.stdout
     assert "report:" in p.stdout

@@ -131,10 +131,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- consolidation
-def consolidate(ckdir: Path, tag: str, model_path: str, dst: Path, record: dict) -> None:
+def consolidate(ckdir: Path, tag: str, model_path: str, dst: Path, record: dict,
+                decoding: dict | None = None) -> None:
     """Rank 0: ZeRO shards -> one fp32 state dict -> a model built on the meta device from the source config
     (no second copy of the weights in memory) -> the source dtype -> ``dst``, written atomically with the
-    tokenizer, the generation config and the ``card`` metadata plus ``record``.
+    tokenizer, the generation config and the ``card`` metadata plus ``record`` and the recipe's ``decoding``
+    defaults (keys set to None keep the source's).
 
     Call ``unset_hf_deepspeed_config()`` first: a live ZeRO-3 config would make this model's construction
     run zero.Init (a collective that rank 0 would wait on alone).
@@ -159,6 +161,9 @@ def consolidate(ckdir: Path, tag: str, model_path: str, dst: Path, record: dict)
     meta = read_metadata(config)
     if meta is not None:  # a plain AR checkpoint trained with objective.kind: ar stays a plain checkpoint
         meta.adaptation.append(record)
+        for key, value in (decoding or {}).items():
+            if value is not None:
+                setattr(meta.decoding, key, value)
         write_metadata(model.config, meta)
     try:
         model.generation_config = tf.GenerationConfig.from_pretrained(model_path)

@@ -64,6 +64,18 @@ class ObjectiveSection:
 
 
 @dataclass
+class DecodingSection:
+    """The decoding defaults the final checkpoint records (``card.decoding``); None keeps the checkpoint's.
+
+    ``block_size`` is also how many masks the slot profile measured at the end of the run covers, which is
+    what automatic lookahead starts from: a recipe whose answers run to 14 tokens sets 16.
+    """
+
+    threshold: float | None = None
+    block_size: int | None = None
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000
     seq_len: int = 512
@@ -95,6 +107,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decoding: DecodingSection = field(default_factory=DecodingSection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -345,6 +358,10 @@ def validate(r: Recipe) -> Recipe:
         _check_range("objective.decay_p", o.decay_p, 0 <= o.decay_p <= 1, "between 0 and 1")
     if o.beta is not None:
         _check_range("objective.beta", o.beta, o.beta > 0, "> 0")
+    if r.decoding.threshold is not None:
+        _check_range("decoding.threshold", r.decoding.threshold, 0 < r.decoding.threshold <= 1, "in (0, 1]")
+    if r.decoding.block_size is not None:
+        _check_range("decoding.block_size", r.decoding.block_size, r.decoding.block_size >= 0, ">= 0")
     _check_range("data.validation_fraction", d.validation_fraction, 0 <= d.validation_fraction < 1, "in [0, 1)")
     _check_range("data.max_validation_blocks", d.max_validation_blocks, d.max_validation_blocks >= 1, ">= 1")
     _check_range("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer >= 1, ">= 1")

@@ -280,7 +280,7 @@ class Trainer:
         tag, final = f"step{self.recipe.train.max_steps}", self.run_dir / "final"
         record = self.adaptation_record()
         self.log(f"consolidating {self.checkpoints / tag} -> {final}")
-        consolidate(self.checkpoints, tag, self.run.model.path, final, record)
+        consolidate(self.checkpoints, tag, self.run.model.path, final, record, asdict(self.recipe.decoding))
         from card.profile import profile_final_checkpoint  # per-slot loss curves into final's card metadata
 
         profile_final_checkpoint(final, self.data.validation, log=self.log)

@@ -36,6 +36,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
+import numpy as np
+
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
 DECAY = 0.98  # per observation: about the last 50 observations count
 EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
@@ -132,6 +134,27 @@ def forwards_to_finish(probs: Sequence[float], horizon: int) -> list[float]:
     for r in range(1, horizon + 1):
         n[r] = 1.0 + sum(p * n[max(0, r - x)] for x, p in enumerate(probs, 1))
     return n
+
+
+def finish_tables(curve: Sequence[float], k_max: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """``forwards_to_finish(commit_distribution(curve, m), horizon)`` for every m = 0..k_max at once, and 1 + A(m).
+
+    Row m of the first array is N_m(r), r = 0..horizon. The recurrence runs over r with all m side by side
+    (P[m, x-1] = p_m(x), zero past x = m + 1), so the planner rebuilds its tables in a fraction of a
+    millisecond; N(max(0, r - x)) = 0 for x >= r, so only x < r contributes.
+    """
+    s = np.zeros(k_max + 2)
+    s[0] = 1.0
+    s[1:k_max + 1] = np.clip(np.diff(np.asarray(curve[:k_max + 1], dtype=float)), 0.0, None)  # S(j)
+    m = np.arange(k_max + 1)[:, None]
+    x = np.arange(1, k_max + 2)[None, :]
+    probs = np.where(x <= m, s[x - 1] - s[np.minimum(x, k_max + 1)], 0.0)
+    probs[m[:, 0], m[:, 0]] = s[:k_max + 1]  # x = m + 1: all m masks accepted
+    n = np.zeros((k_max + 1, horizon + 1))
+    for r in range(1, horizon + 1):
+        k = min(r - 1, k_max + 1)
+        n[:, r] = 1.0 + (probs[:, :k] * n[:, r - k:r][:, ::-1]).sum(1) if k else 1.0
+    return n, 1.0 + np.asarray(curve[:k_max + 1], dtype=float)
 
 
 def finish_cost(forwards: Sequence[float], tokens: float, remaining: Sequence[tuple[int, float]],
@@ -365,20 +388,16 @@ class Lookahead:
 
         ``remaining``: [(R, P(R))] for the batch's slowest row, ``pending``: the longest pending segment.
         """
-        tables = self._finish_tables()
+        n, tokens = self._finish_tables()
         cost = lambda q: self.cost(batch, q)  # noqa: E731
         return best_lookahead(
-            lambda m: 1.0 / finish_cost(tables[m][0], tables[m][1], remaining, cost(pending + m),
-                                        cost(tables[m][1] + m)), self.k_max)
+            lambda m: 1.0 / finish_cost(n[m], tokens[m], remaining, cost(pending + m), cost(tokens[m] + m)),
+            self.k_max)
 
-    def _finish_tables(self) -> list[tuple[list[float], float]]:
-        """Per m: (N(r) for r up to the horizon, 1 + A(m)) for the current estimates."""
-        def make():
-            curve = accepted_curve(self.stats.rates())
-            return [(forwards_to_finish(commit_distribution(curve, m), self.horizon), 1.0 + curve[m])
-                    for m in range(self.k_max + 1)]
-
-        return self.stats.memo(("finish", self.k_max, self.horizon), make)
+    def _finish_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates."""
+        return self.stats.memo(("finish", self.k_max, self.horizon),
+                               lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None) -> int:
         """The masks of the next forward (at most ``k_max``).
