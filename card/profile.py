@@ -93,21 +93,24 @@ def measure_slot_profile(
     positions_per_forward: int = DEFAULT_POSITIONS_PER_FORWARD,
     measured_by: str = "measure_slot_profile",
     on_forward: Callable[[], None] | None = None,
+    first_prefix: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Per-slot mean loss (bits) and greedy accuracy by prefix bucket, over every prefix of every row.
 
     ``token_rows``: token id rows (each a clean sequence, usually starting with BOS); every prefix length
     s = 1 .. len(row)-1 is measured, slot j only where the target x[s+j-1] lies inside the row. Rows of equal
-    length share batched forwards. Returns the ``slot_profile`` dict (module docstring); buckets with no
-    measurement hold ``None``.
+    length share batched forwards. ``first_prefix[i]``: row i counts only prefixes s >= first_prefix[i]
+    (prompt/completion data: where a decoder writes, not inside the prompt, whose next tokens no model can
+    guess). Returns the ``slot_profile`` dict (module docstring); buckets with no measurement hold ``None``.
     """
     edges = check_bucket_edges(bucket_edges)
     if K < 0:
         raise CardError(f"K (masks per forward) must be >= 0, got {K}")
     mask_id, suppressed = _card_info(model)
     rows = [torch.as_tensor(np.asarray(r), dtype=torch.long).reshape(-1) for r in token_rows]
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
+    firsts = [1] * len(rows) if first_prefix is None else [max(1, int(f)) for f in first_prefix]
+    kept = [(r, f) for r, f in zip(rows, firsts) if len(r) >= 2 and f < len(r)]
+    if not kept:
         raise CardError("no token row has two or more tokens to measure")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -115,14 +118,15 @@ def measure_slot_profile(
     loss = np.zeros((slots, nb))
     correct = np.zeros((slots, nb))
     count = np.zeros((slots, nb), dtype=np.int64)
-    by_len: dict[int, list[torch.Tensor]] = {}
-    for r in rows:
-        by_len.setdefault(len(r), []).append(r)
+    by_len: dict[int, list[tuple[torch.Tensor, int]]] = {}
+    for r, f in kept:
+        by_len.setdefault(len(r), []).append((r, f))
     batch_rows = max(1, 4096 // max(1, positions_per_forward * max(K, 1)))
     for L, group in by_len.items():
         for g0 in range(0, len(group), batch_rows):
-            x = torch.stack(group[g0:g0 + batch_rows])  # (B, L)
-            for p0 in range(1, L, positions_per_forward):
+            x = torch.stack([r for r, _ in group[g0:g0 + batch_rows]])  # (B, L)
+            first = torch.tensor([f for _, f in group[g0:g0 + batch_rows]])
+            for p0 in range(min(first).item(), L, positions_per_forward):
                 prefixes = list(range(p0, min(L, p0 + positions_per_forward)))
                 ids, pos, mask = packed_inputs(x[0], prefixes, K, mask_id, dtype)
                 b = max(prefixes)
@@ -136,23 +140,25 @@ def measure_slot_profile(
                 logp = torch.log_softmax(logits, dim=-1)
                 # slot 1 of prefix s: clean logits at s-1, target x[s]; slot j+1: mask j at b + i*K + j-1,
                 # target x[s+j]; only targets inside the row count
-                q_at, t_at, slot_of, bucket_of = [], [], [], []
+                q_at, t_at, slot_of, bucket_of, s_of = [], [], [], [], []
                 for i, s in enumerate(prefixes):
                     for slot in range(min(slots, L - s)):
                         q_at.append(s - 1 if slot == 0 else b + i * K + slot - 1)
                         t_at.append(s + slot)
                         slot_of.append(slot)
                         bucket_of.append(int(bucket_index(s, edges)))
+                        s_of.append(s)
+                counted = (torch.tensor(s_of)[None, :] >= first[:, None]).to(device)  # (B, n): row's prefix measured?
                 q_at, t_at = torch.tensor(q_at, device=device), torch.tensor(t_at, device=device)
                 picked = logp[:, q_at]  # (B, n, V)
                 target = x.to(device)[:, t_at]  # (B, n)
-                bits = (-picked.gather(2, target[..., None])[..., 0] / math.log(2)).sum(0).cpu().numpy()
-                hits = (picked.argmax(-1) == target).sum(0).cpu().numpy()
+                bits = (-picked.gather(2, target[..., None])[..., 0] / math.log(2) * counted).sum(0).cpu().numpy()
+                hits = ((picked.argmax(-1) == target) & counted).sum(0).cpu().numpy()
                 np.add.at(loss, (slot_of, bucket_of), bits)
                 np.add.at(correct, (slot_of, bucket_of), hits)
-                np.add.at(count, (slot_of, bucket_of), B)
+                np.add.at(count, (slot_of, bucket_of), counted.sum(0).cpu().numpy())
     mean = lambda a: [[None if c == 0 else round(float(v / c), 5) for v, c in zip(av, cv)] for av, cv in zip(a, count)]  # noqa: E731
-    return {"format": FORMAT, "measured_by": measured_by, "tokens": int(sum(len(r) for r in rows)),
+    return {"format": FORMAT, "measured_by": measured_by, "tokens": int(sum(len(r) for r, _ in kept)),
             "bucket_edges": edges, "slots": slots, "loss_bits": mean(loss), "accuracy": mean(correct),
             "count": count.tolist()}
 
@@ -185,15 +191,20 @@ def text_rows(tokenizer, text: str, seq_len: int, max_rows: int | None = DEFAULT
     return rows[:max_rows] if max_rows else rows
 
 
-def rows_from_validation(rows, max_rows: int = DEFAULT_MAX_ROWS) -> list[list[int]]:
-    """The real tokens of ``card.adapt.data.Rows`` (padding dropped), at most ``max_rows`` of them."""
-    out = []
+def rows_from_validation(rows, max_rows: int = DEFAULT_MAX_ROWS) -> tuple[list[list[int]], list[int]]:
+    """The real tokens of ``card.adapt.data.Rows`` (padding dropped), at most ``max_rows`` of them, and per row
+    the first prefix length to measure: where its completion starts (1 for rows without prompt/completion)."""
+    out, firsts = [], []
     for i in range(min(len(rows), max_rows)):
-        ids = np.asarray(rows.ids[i])
-        if rows.valid is not None:
-            ids = ids[np.asarray(rows.valid[i])]
+        keep = np.ones(len(rows.ids[i]), dtype=bool) if rows.valid is None else np.asarray(rows.valid[i])
+        ids = np.asarray(rows.ids[i])[keep]
+        first = 1
+        if rows.completion is not None:
+            comp = np.flatnonzero(np.asarray(rows.completion[i])[keep])
+            first = int(comp[0]) if len(comp) else len(ids)  # no completion token: nothing to measure
         out.append(ids.tolist())
-    return out
+        firsts.append(max(1, first))
+    return out, firsts
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -264,16 +275,19 @@ def profile_checkpoint(
 
 def profile_final_checkpoint(final: str | os.PathLike, rows, K: int | None = None,
                              log: Callable[[str], None] = lambda _: None) -> dict[str, Any] | None:
-    """``card adapt``'s finish: the slot profile of the consolidated checkpoint on the validation rows,
-    written into it. Skipped (None) for plain AR checkpoints and empty validation sets."""
+    """``card adapt``'s finish: the slot profile of the consolidated checkpoint on the validation rows (from
+    where each completion starts, for prompt/completion data), written into it. Skipped (None) for plain AR
+    checkpoints and validation sets with nothing to measure."""
     from card.checkpoint import check_checkpoint_path, load_checkpoint
 
     if check_checkpoint_path(final) is None or len(rows) == 0:
         return None
     ck = load_checkpoint(final, dtype="float32")
     K = ck.meta.decoding.block_size if K is None else K
-    profile = measure_slot_profile(ck.model, rows_from_validation(rows), K,
-                                   measured_by="card adapt validation")
+    token_rows, firsts = rows_from_validation(rows)
+    if not any(1 <= f < len(t) for t, f in zip(token_rows, firsts)):
+        return None
+    profile = measure_slot_profile(ck.model, token_rows, K, measured_by="card adapt validation", first_prefix=firsts)
     write_slot_profile(final, profile)
     log("slot profile (bits per slot, last bucket): "
         + " ".join("-" if r[-1] is None else f"{r[-1]:.2f}" for r in profile["loss_bits"]))

@@ -77,6 +77,46 @@ def test_slot_one_is_the_ar_loss_and_counts_are_exact(card_ckpts):
         assert p["count"][j] == want.tolist()
 
 
+def test_first_prefix_measures_only_where_a_decoder_writes(card_ckpts):
+    """Row i counts prefixes s >= first_prefix[i] only; slot 1 then equals the clean loss over those prefixes."""
+    ck = load_checkpoint(card_ckpts["llama"], dtype="float32")
+    rows = _rows(ck.tokenizer, n=2, length=40) + [[ck.tokenizer.bos_token_id, 5, 6, 7, 8]]
+    firsts, edges, K = [10, 25, 3], [0, 4, 16], 2
+    p = measure_slot_profile(ck.model, rows, K, edges, positions_per_forward=7, first_prefix=firsts)
+    bits, n = np.zeros(3), np.zeros(3)
+    for r, f in zip(rows, firsts):
+        with torch.no_grad():
+            logits = ck.model(input_ids=torch.tensor(r)[None]).logits[0].float()
+        logits[:, ck.meta.suppressed_token_ids] = float("-inf")
+        logp = torch.log_softmax(logits, -1)
+        for s in range(f, len(r)):
+            bits[bucket_index(s, edges)] += -logp[s - 1, r[s]].item() / np.log(2)
+            n[bucket_index(s, edges)] += 1
+    assert p["count"][0] == n.astype(int).tolist()
+    assert [x for x in p["loss_bits"][0] if x is not None] == pytest.approx((bits[n > 0] / n[n > 0]).tolist(), abs=1e-4)
+    for j in range(K + 1):
+        want = np.zeros(3, int)
+        for r, f in zip(rows, firsts):
+            for s in range(f, len(r) - j):
+                want[bucket_index(s, edges)] += 1
+        assert p["count"][j] == want.tolist()
+
+
+def test_validation_rows_start_at_the_completion():
+    from card.adapt.data import Rows
+    from card.profile import rows_from_validation
+
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12)
+    valid = np.ones_like(ids, dtype=bool)
+    valid[1, 9:] = False
+    completion = np.zeros_like(valid)
+    completion[0, 5:] = True
+    completion[1, 7:] = True  # padding is never a completion token that counts
+    tokens, firsts = rows_from_validation(Rows(ids, valid, completion))
+    assert [len(t) for t in tokens] == [12, 9] and firsts == [5, 7]
+    assert rows_from_validation(Rows(ids))[1] == [1, 1]  # packed text: every prefix
+
+
 def test_written_profile_survives_loading(card_ckpts, tmp_path):
     import shutil
 

@@ -394,10 +394,14 @@ class Lookahead:
             lambda m: 1.0 / finish_cost(n[m], tokens[m], remaining, cost(pending + m), cost(tokens[m] + m)),
             self.k_max)
 
-    def _finish_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates."""
-        return self.stats.memo(("finish", self.k_max, self.horizon),
-                               lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
+    def _finish_tables(self) -> tuple[list[list[float]], list[float]]:
+        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates, as lists: the
+        planner reads them one number at a time, which is several times faster from lists than from arrays."""
+        def make():
+            n, tokens = finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon)
+            return n.tolist(), tokens.tolist()
+
+        return self.stats.memo(("finish", self.k_max, self.horizon), make)
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None) -> int:
         """The masks of the next forward (at most ``k_max``).
