@@ -9,6 +9,10 @@ garbage collection and with the collector off. ``model.forward`` is wrapped to s
 inside it. Per mode: forwards, the whole decode and the time inside forwards (medians), the speedup over
 AR, and the bound the forwards alone set on it, AR's forward time over the mode's. Where the speedup equals
 the bound the loop's own work no longer matters: the forwards themselves do.
+
+The last row is what no decoder can beat on this hardware: one forward per batch over every prompt and
+its whole answer (the AR answer, masks in place of all but its first token, rows left-padded), as if each
+batch were written in its prefill forward. It needs ``ar`` among the modes (its answers set the lengths).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, m
         prepare(model, mode, [batch_size])
         decode(mode, model, ck.tokenizer, prompts[:2 * batch_size], max_new_tokens=max_new_tokens,
                batch_size=batch_size, stop_strings=stop)
+    oracle = oracle_inputs(ck, prompts, batch_size, max_new_tokens, stop) if "ar" in modes else None
+    oracle_s: list[float] = []
     total: dict[str, list[float]] = {m: [] for m in modes}
     inside: dict[str, list[float]] = {m: [] for m in modes}
     forwards: dict[str, int] = {}
@@ -58,15 +64,46 @@ def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, m
                 total[mode].append(time.perf_counter() - t)
             inside[mode].append(clock["seconds"])
             forwards[mode] = clock["forwards"]
+        if oracle is not None:
+            with gc_paused(), torch.inference_mode():
+                t = time.perf_counter()
+                for kwargs in oracle:
+                    inner(**kwargs)
+                oracle_s.append(time.perf_counter() - t)
     med = {m: statistics.median(total[m]) for m in modes}
     med_in = {m: statistics.median(inside[m]) for m in modes}
     base = modes[0]
     rows = [{"mode": m, "forwards": forwards[m], "decode_ms": 1000 * med[m], "forward_ms": 1000 * med_in[m],
              "speedup_vs_first": med[base] / med[m], "forward_bound": med_in[base] / med_in[m]} for m in modes]
+    if oracle is not None:
+        o = statistics.median(oracle_s)
+        rows.append({"mode": "one forward per batch", "forwards": len(oracle), "decode_ms": 1000 * o,
+                     "forward_ms": 1000 * o, "speedup_vs_first": med[base] / o, "forward_bound": med_in[base] / o})
     return {"settings": {"model": ckpt, "prompt_files": prompt_files, "prompts": len(prompts), "modes": modes,
                          "batch_size": batch_size, "max_new_tokens": max_new_tokens, "stop_strings": stop,
                          "repeats": repeats, **environment()},
             "results": rows}
+
+
+def oracle_inputs(ck, prompts: list[list[int]], batch_size: int, max_new_tokens: int, stop: list[str]) -> list[dict]:
+    """Per batch, the model inputs of one forward over each prompt + its AR answer (masks after its first token)."""
+    from card.eval.decoding import decode
+
+    answers = decode("ar", ck.model, ck.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     stop_strings=stop)
+    mask, pad = ck.meta.mask_token_id, ck.tokenizer.pad_token_id or 0
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [p + [mask] * (a.new_tokens - 1) for p, a in zip(prompts[start:start + batch_size],
+                                                                answers[start:start + batch_size])]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(q)) + q for q in seqs])
+        attention = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], dtype=torch.bool)
+        positions = torch.tensor([[0] * (width - len(q)) + list(range(len(q))) for q in seqs])
+        keep = max(a.new_tokens for a in answers[start:start + batch_size])
+        out.append({"input_ids": ids, "attention_mask": attention, "position_ids": positions, "use_cache": True,
+                    "logits_to_keep": keep})
+    return out
 
 
 def main() -> None:
