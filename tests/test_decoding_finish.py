@@ -29,7 +29,7 @@ from card.eval.decoding.planner import (
     forwards_to_finish,
     profile_prior,
 )
-from card.eval.decoding.proposers import UNBOUNDED, Estimates
+from card.eval.decoding.proposers import UNBOUNDED, Estimates, Outcome, observed_slots
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cost_cache")
 
@@ -142,6 +142,15 @@ def test_slot_prior_uses_the_prompt_length_bucket():
     assert profile_prior(profile, 3, prefix=500) == profile_prior(profile, 3)  # empty bucket: all buckets
 
 
+def test_a_slot_measured_a_few_times_is_extrapolated_not_believed():
+    """One miss out of one measurement must not make a mask look useless: the planner would never try it."""
+    profile = {"bucket_edges": [0], "slots": 4, "accuracy": [[0.9], [0.85], [0.8], [0.0]],
+               "count": [[200], [150], [100], [1]]}
+    rates = profile_prior(profile, 3)
+    assert rates[:2] == pytest.approx([0.85 / 0.9, 0.8 / 0.85])
+    assert rates[2] == pytest.approx(0.9 * 0.8 / 0.85) and rates[2] > 0.5
+
+
 @pytest.fixture(scope="module")
 def stories(stories_card):
     return load_checkpoint(stories_card, dtype="float32", require_card=True)
@@ -184,3 +193,32 @@ def test_stop_check_decoder_is_the_tokenizers_decode(tokenizers, which, ids, cle
         assert text_decoder(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
     finally:
         tok.clean_up_tokenization_spaces = before
+
+
+def test_slots_past_the_end_of_an_answer_are_censored_not_rejected():
+    from types import SimpleNamespace
+
+    going, ended = SimpleNamespace(finish_reason=None), SimpleNamespace(finish_reason="stop")
+    # parallel: committed[0] is the AR token, mask j wrote committed[j]
+    assert observed_slots(going, Outcome([1, 2, 3], 0, 8, 2), [1, 2, 3], 1) == (8, 2)  # a live row: as observed
+    assert observed_slots(ended, Outcome([1, 2, 3, 4, 5, 6], 0, 8, 5), [1, 2, 3, 4], 1) == (3, 3)  # ended at mask 3
+    assert observed_slots(ended, Outcome([1, 2, 3, 4], 0, 8, 3), [1, 2, 3, 4], 1) == (3, 3)  # mask 4 was not needed
+    # lossless: draft j guessed committed[j-1]; a row that ends on the AR token after a wrong draft keeps that miss
+    assert observed_slots(ended, Outcome([7, 8, 9], 2, 5, 2), [7, 8, 9], 0) == (3, 2)
+    assert observed_slots(ended, Outcome([7, 8, 9, 10, 11], 4, 5, 4), [7, 8], 0) == (2, 2)  # ended inside the drafts
+
+
+def test_finished_answers_do_not_teach_that_deep_masks_fail():
+    """Slot estimates after a batch whose answers all end inside one block: no slot the answers needed is
+    counted as a failure, so the stats say nothing against masks that were never needed."""
+    from types import SimpleNamespace
+
+    stats = SlotStats([0.5] * 8)
+    prop = proposers_mod.MaskProposer(None, stats)
+    rows = [SimpleNamespace(finish_reason="stop", tokens=[0] * 4) for _ in range(3)]
+    outcomes = [Outcome([1, 2, 3, 4], 0, 8, 3) for _ in rows]
+    prop.observe(rows, proposers_mod.Proposal(8, [[] for _ in rows]), outcomes, [[1, 2, 3, 4]] * 3)
+    rates = stats.rates()
+    seen = 3 * 0.98 ** 3  # three successes each, forgotten once per observation
+    assert rates[:3] == pytest.approx([(seen + 4 * 0.5) / (seen + 4)] * 3)
+    assert rates[3:] == pytest.approx([0.5] * 5)  # never needed: still the prior

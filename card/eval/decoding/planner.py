@@ -45,6 +45,7 @@ EXPLORE_PATIENCE = 8.0  # failures of the explored slot that halve the explorati
 ADAPTED_PRIOR = 0.6  # an adapted checkpoint without a measured slot profile
 UNTRAINED_PRIOR = 0.02  # a converted, never adapted checkpoint: its masks predict almost nothing
 NGRAM_PRIOR = 0.5
+PROFILE_MIN_COUNT = 20  # slot measurements below which the profile's accuracy is too noisy to start from
 MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
 LENGTH_PRIOR = 1.0  # pseudo-answers that run to their budget (``LengthStats``)
 HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end (``finish_cost``)
@@ -278,8 +279,10 @@ def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[floa
 
     The accuracies are those of the prefix-length bucket holding ``prefix`` (the prompts' length) where it
     has at least two slots measured: masks right after a long prompt do much better than after a short one.
-    Otherwise they are count-weighted over the buckets. Slot 1 is the AR token, slot j+1 mask j; missing
-    or malformed fields give None (the caller falls back).
+    Otherwise they are count-weighted over the buckets. Slot 1 is the AR token, slot j+1 mask j. A slot
+    measured fewer than ``PROFILE_MIN_COUNT`` times counts as unmeasured: one miss out of one said "this mask
+    never works" and kept the planner from ever trying it. Missing or malformed fields give None (the caller
+    falls back).
     """
     try:
         acc = profile["accuracy"]
@@ -295,8 +298,8 @@ def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[floa
         means = []
         for row, w in zip(rows, weights):
             pairs = [(float(a), float(c)) for a, c in zip(row, w) if a is not None and c]
-            if not pairs:
-                break  # slots past the last one measured in the bucket: extrapolated below
+            if not pairs or (counts is not None and sum(c for _, c in pairs) < PROFILE_MIN_COUNT):
+                break  # slots past the last one measured (often enough) in the bucket: extrapolated below
             means.append(sum(a * c for a, c in pairs) / sum(c for _, c in pairs))
     except (KeyError, TypeError, ValueError, IndexError):
         return None

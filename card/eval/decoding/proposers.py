@@ -87,6 +87,22 @@ def _remaining(row) -> int:
     return row.max_new_tokens - len(row.tokens)
 
 
+def observed_slots(row, outcome: Outcome, committed: list[int], first_slot_token: int) -> tuple[int, int]:
+    """(offered, accepted) lookahead slots of one forward as evidence about the slots' acceptance.
+
+    Slots past the end of an answer are censored, not failures: once a row ends in this forward (EOS, stop
+    string or budget), what the masks guess after its last token was never needed, and counting it as a
+    rejection made every finished answer look as if its deepest slot had failed, so the planner chose too
+    few masks for short answers. ``first_slot_token``: the index in ``committed`` of the token slot 1
+    predicts (parallel: 1, as ``committed[0]`` is the AR token; lossless: 0, draft 1 guesses it).
+    """
+    if row.finish_reason is None:
+        return outcome.proposed, outcome.accepted
+    needed = max(0, len(committed) - first_slot_token)
+    offered = min(outcome.proposed, needed)
+    return offered, min(outcome.accepted, offered)
+
+
 def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int], str | None, list[float], float]:
     """One lossless row at common draft length d: (drafts, source, S(j) of those drafts, expected accepted).
 
@@ -151,8 +167,8 @@ class MaskProposer:
 
     def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
         if self.stats is not None and proposal.masks:
-            for o in outcomes:
-                self.stats.observe(o.proposed, o.accepted)
+            for r, o, new in zip(rows, outcomes, committed):
+                self.stats.observe(*observed_slots(r, o, new, 1))
             self.stats.forget()
         if self.lengths is not None:
             for r in rows:
@@ -256,9 +272,9 @@ class DraftProposer:
     def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
         for r, src, o, new in zip(rows, proposal.sources, outcomes, committed):
             if src == "mask":
-                self.mask_stats.observe(o.proposed, o.accepted)
+                self.mask_stats.observe(*observed_slots(r, o, new, 0))
             elif src is not None:
-                self.ngram_stats[int(src[5:]) - 1].observe(o.proposed, o.accepted)
+                self.ngram_stats[int(src[5:]) - 1].observe(*observed_slots(r, o, new, 0))
             if r.ngram is not None:
                 r.ngram.extend(new)
             # Later mask guesses assumed every draft; after a rejection they are conditioned on a wrong token.
