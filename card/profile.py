@@ -126,7 +126,7 @@ def measure_slot_profile(
         for g0 in range(0, len(group), batch_rows):
             x = torch.stack([r for r, _ in group[g0:g0 + batch_rows]])  # (B, L)
             first = torch.tensor([f for _, f in group[g0:g0 + batch_rows]])
-            for p0 in range(min(first).item(), L, positions_per_forward):
+            for p0 in range(int(first.min()), L, positions_per_forward):
                 prefixes = list(range(p0, min(L, p0 + positions_per_forward)))
                 ids, pos, mask = packed_inputs(x[0], prefixes, K, mask_id, dtype)
                 b = max(prefixes)

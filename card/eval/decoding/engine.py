@@ -30,6 +30,7 @@ Conventions (the same in every mode):
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence, Union
 
@@ -121,7 +122,9 @@ def context_limit(model) -> int | None:
     return max_positions(model.config)
 
 
-_FULL_ATTENTION: dict[int, bool] = {}
+# id(config) -> (a weak reference to that config, every layer full attention?); the reference tells a
+# config apart from a later one that happens to get the same id.
+_FULL_ATTENTION: dict[int, tuple[weakref.ref, bool]] = {}
 
 
 def new_cache(model) -> tf.DynamicCache:
@@ -129,10 +132,11 @@ def new_cache(model) -> tf.DynamicCache:
     batch (a tenth of a batch-1 answer's loop time on the demo model); where every layer is plain full
     attention, the lazily built cache holds exactly those layers, for under 1 us."""
     config = model.config
-    full = _FULL_ATTENTION.get(id(config))
-    if full is None:
+    ref, full = _FULL_ATTENTION.get(id(config), (None, False))
+    if ref is None or ref() is not config:
         types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        full = _FULL_ATTENTION[id(config)] = all(t == "full_attention" for t in types)
+        full = all(t == "full_attention" for t in types)
+        _FULL_ATTENTION[id(config)] = (weakref.ref(config), full)
     return tf.DynamicCache() if full else tf.DynamicCache(config=config)
 
 

@@ -141,16 +141,12 @@ def finish_tables(curve: Sequence[float], k_max: int, horizon: int) -> tuple[np.
     """``forwards_to_finish(commit_distribution(curve, m), horizon)`` for every m = 0..k_max at once, and 1 + A(m).
 
     Row m of the first array is N_m(r), r = 0..horizon. The recurrence runs over r with all m side by side
-    (P[m, x-1] = p_m(x), zero past x = m + 1), so the planner rebuilds its tables in a fraction of a
-    millisecond; N(max(0, r - x)) = 0 for x >= r, so only x < r contributes.
+    (P[m, x-1] = p_m(x) from ``commit_distribution``, zero past x = m + 1), so the planner rebuilds its
+    tables in a fraction of a millisecond; N(max(0, r - x)) = 0 for x >= r, so only x < r contributes.
     """
-    s = np.zeros(k_max + 2)
-    s[0] = 1.0
-    s[1:k_max + 1] = np.clip(np.diff(np.asarray(curve[:k_max + 1], dtype=float)), 0.0, None)  # S(j)
-    m = np.arange(k_max + 1)[:, None]
-    x = np.arange(1, k_max + 2)[None, :]
-    probs = np.where(x <= m, s[x - 1] - s[np.minimum(x, k_max + 1)], 0.0)
-    probs[m[:, 0], m[:, 0]] = s[:k_max + 1]  # x = m + 1: all m masks accepted
+    probs = np.zeros((k_max + 1, k_max + 1))
+    for m in range(k_max + 1):
+        probs[m, :m + 1] = commit_distribution(curve, m)
     n = np.zeros((k_max + 1, horizon + 1))
     for r in range(1, horizon + 1):
         k = min(r - 1, k_max + 1)
