@@ -218,7 +218,7 @@ def test_finished_answers_do_not_teach_that_deep_masks_fail():
     rows = [SimpleNamespace(finish_reason="stop", tokens=[0] * 4) for _ in range(3)]
     outcomes = [Outcome([1, 2, 3, 4], 0, 8, 3) for _ in rows]
     prop.observe(rows, proposers_mod.Proposal(8, [[] for _ in rows]), outcomes, [[1, 2, 3, 4]] * 3)
-    rates = stats.rates()
+    rates = stats.means()
     seen = 3 * 0.98 ** 3  # three successes each, forgotten once per observation
     assert rates[:3] == pytest.approx([(seen + 4 * 0.5) / (seen + 4)] * 3)
     assert rates[3:] == pytest.approx([0.5] * 5)  # never needed: still the prior

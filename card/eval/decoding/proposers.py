@@ -103,6 +103,22 @@ def observed_slots(row, outcome: Outcome, committed: list[int], first_slot_token
     return offered, min(outcome.accepted, offered)
 
 
+def _batch_remaining(lengths: LengthStats | None, rows) -> list[tuple[int, float]] | None:
+    """[(R, P(R))] for the tokens the batch's slowest row still has to write (None: no length estimates)."""
+    return lengths.remaining_max([(len(r.tokens), _remaining(r)) for r in rows]) if lengths else None
+
+
+def observe_lengths(lengths: LengthStats | None, rows) -> None:
+    """Teach ``lengths`` the answers that ended in this forward (one cut by its budget: "at least this long")."""
+    if lengths is None:
+        return
+    for r in rows:
+        if r.finish_reason in ("eos", "stop"):
+            lengths.observe(len(r.tokens))
+        elif r.finish_reason is not None:
+            lengths.observe(UNBOUNDED)
+
+
 def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int], str | None, list[float], float]:
     """One lossless row at common draft length d: (drafts, source, S(j) of those drafts, expected accepted).
 
@@ -143,8 +159,9 @@ class Estimates:
 class MaskProposer:
     """AR (no lookahead) and parallel decoding: m masks after the pending tokens, m from a ``Lookahead``.
 
-    Near the end of the batch's slowest row (the one with the most budget left), m is planned to finish it,
-    with the remaining length drawn from the lengths of the answers that ended so far (``LengthStats``).
+    Near the end of the batch's slowest row, m is planned to finish it, with the remaining length of the
+    longest of the batch's answers drawn from the lengths of the answers that ended so far
+    (``LengthStats.remaining_max``).
     """
 
     def __init__(self, lookahead: Lookahead | None, stats: SlotStats | None,
@@ -157,9 +174,7 @@ class MaskProposer:
     def propose(self, rows) -> Proposal:
         m = 0
         if self.lookahead is not None:
-            slowest = max(rows, key=_remaining)
-            remaining = self.lengths.remaining(len(slowest.tokens), _remaining(slowest)) if self.lengths else None
-            m = self.lookahead.masks(len(rows), max(len(r.pending) for r in rows), remaining)
+            m = self.lookahead.masks(len(rows), max(len(r.pending) for r in rows), _batch_remaining(self.lengths, rows))
         # Masks beyond every row's remaining budget can never be committed; masks only see the slots before
         # them, so dropping the trailing ones changes no prediction.
         m = max(0, min(m, max(_remaining(r) - 1 for r in rows)))
@@ -170,20 +185,16 @@ class MaskProposer:
             for r, o, new in zip(rows, outcomes, committed):
                 self.stats.observe(*observed_slots(r, o, new, 1))
             self.stats.forget()
-        if self.lengths is not None:
-            for r in rows:
-                if r.finish_reason in ("eos", "stop"):
-                    self.lengths.observe(len(r.tokens))
-                elif r.finish_reason is not None:  # cut by its budget: only "at least this long"
-                    self.lengths.observe(UNBOUNDED)
+        observe_lengths(self.lengths, rows)
 
 
 class DraftProposer:
     """Lossless decoding: per row, drafts from the previous forward's masks or from prompt lookup, then m masks.
 
-    With automatic lookahead, m comes from the ``Lookahead`` (the stationary mask-draft model) and the drafts
-    of each row are the source with the larger expected number of accepted tokens; their common length d is
-    the one maximising the expected progress of the batch's slowest row per second, ``critical_gain`` /
+    With automatic lookahead, m comes from the ``Lookahead`` (the stationary mask-draft model, or near the end
+    of the batch's slowest row the plan to finish it, ``lossless_finish_values``) and the drafts of each row
+    are the source with the larger expected number of accepted tokens; their common length d is the one
+    maximising the expected progress of the batch's slowest row per second, ``critical_gain`` /
     c(B, pending + d + m) (see ``_choose``), never shorter than the mask drafts
     already made (they are what the masks were paid for). In a batch, choices that take no prompt-lookup draft
     make the next lookups wait, 1, 3, 7, then 15 forwards. With a fixed K, a row uses its mask drafts when
@@ -194,6 +205,7 @@ class DraftProposer:
                  cost, auto: bool) -> None:
         self.k_max, self.lookahead, self.cost, self.auto = k_max, lookahead, cost, auto
         self.mask_stats, self.ngram_stats = estimates.masks, estimates.ngram
+        self.lengths = estimates.lengths if auto else None
         self.use_masks = "mask" in sources
         self.use_ngram = "ngram" in sources and k_max > 0
         self._fruitless = 0  # consecutive draft choices that took no prompt-lookup draft
@@ -214,8 +226,12 @@ class DraftProposer:
 
     def propose(self, rows) -> Proposal:
         B = len(rows)
-        m = self.lookahead.masks(B) if self.use_masks else 0
         mask_d = [r.drafts for r in rows]
+        m = 0
+        if self.use_masks:
+            width = max(len(r.pending) for r in rows) + max(map(len, mask_d))
+            slowest = max(rows, key=_remaining)
+            m = self.lookahead.masks(B, width, _batch_remaining(self.lengths, rows), len(slowest.drafts))
         ngram: list[tuple[list[int], int]] = []
         if self.use_ngram and self._skip == 0:
             ngram = [r.ngram.lookup(min(self.k_max, _remaining(r) - 1)) for r in rows]
@@ -270,6 +286,7 @@ class DraftProposer:
         return [p[0] for p in picks], [p[1] for p in picks]
 
     def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
+        observe_lengths(self.lengths, rows)
         for r, src, o, new in zip(rows, proposal.sources, outcomes, committed):
             if src == "mask":
                 self.mask_stats.observe(*observed_slots(r, o, new, 0))
