@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from card.eval.decoding.planner import (
     accepted_curve,
     commit_distribution,
     finish_cost,
+    finish_costs,
     finish_tables,
     forwards_to_finish,
     profile_prior,
@@ -90,6 +92,20 @@ def test_finish_cost_far_from_the_end_is_the_stationary_rate():
     far = finish_cost(n, tokens, [(1000, 1.0)], 1.0, 1.0)
     assert far == pytest.approx(1000 / tokens, rel=0.02)
     assert finish_cost(n, tokens, [(3, 0.5), (7, 0.5)], 2.0, 1.0) == pytest.approx(2.0 + 0.5 * (n[3] - 1) + 0.5 * (n[7] - 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8), st.integers(1, 20),
+       st.lists(st.tuples(st.integers(1, 40), st.floats(0.01, 1.0)), min_size=1, max_size=6))
+def test_finish_costs_equal_finish_cost_for_every_m(rates, horizon, lengths):
+    k = len(rates)
+    total = sum(w for _, w in lengths)
+    remaining = [(r, w / total) for r, w in lengths]
+    n, tokens = finish_tables(accepted_curve(rates), k, horizon)
+    first, later = np.arange(1.0, k + 2), np.linspace(1.0, 2.0, k + 1)
+    got = finish_costs(n, tokens, remaining, first, later)
+    for m in range(k + 1):
+        assert got[m] == pytest.approx(finish_cost(list(n[m]), tokens[m], remaining, first[m], later[m]), rel=1e-9)
 
 
 def test_a_row_near_its_end_gets_the_masks_that_finish_it():

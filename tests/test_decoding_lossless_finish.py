@@ -63,7 +63,7 @@ def test_lossless_finish_values_equal_the_recursion(k, horizon, data):
     # the choice's cost function reproduces the table at every state within the horizon
     for r in range(1, horizon + 1):
         for d in range(min(k, r - 1) + 1):
-            now = [cost[1 + d + m] for m in range(k + 1)]
+            now = np.array([cost[1 + d + m] for m in range(k + 1)])
             q = lossless_finish_cost(values, base, surv, now, d, [(r, 1.0)])
             assert q.min() == pytest.approx(values[r, d], rel=1e-9, abs=1e-12)
 
@@ -129,7 +129,8 @@ def test_estimates_are_read_optimistically_until_tried():
         stats.forget()
     rates, means = stats.rates(), stats.means()
     assert means[1] < 0.1 and rates[1] - means[1] < 0.05  # tried often: the bound is tight
-    assert rates[0] == pytest.approx(1.0) and rates[2] > 0.84  # never reached: still optimistic
+    assert means[0] <= rates[0] and rates[0] > 0.98 and rates[2] > 0.84  # never reached: still optimistic
+    assert rates[1] - means[1] < (rates[2] - means[2]) / 10  # the bonus fades as 1 / tries
 
 
 def test_table_is_kept_while_the_estimates_stay_put():

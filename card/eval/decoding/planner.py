@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
-OPTIMISM = 1.0  # plans read each a_j this many standard deviations above its estimate (``SlotStats.rates``)
+OPTIMISM = 1.0  # plans read an untried a_j this many prior standard deviations high (``SlotStats.rates``)
 DECAY = 0.98  # per observation: about the last 50 observations count
 EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
 EXPLORE_PATIENCE = 8.0  # failures of the explored slot that halve the exploration share
@@ -175,6 +175,18 @@ def finish_cost(forwards: Sequence[float], tokens: float, remaining: Sequence[tu
     return total
 
 
+def finish_costs(forwards: np.ndarray, tokens: np.ndarray, remaining: Sequence[tuple[int, float]],
+                 first: np.ndarray, later: np.ndarray) -> np.ndarray:
+    """``finish_cost`` for every m at once: row m of ``forwards`` is N_m(r), ``tokens[m]`` = 1 + A(m),
+    ``first[m]`` / ``later[m]`` the forward costs with m masks. As sum_R P(R) = 1, the time is
+    first + (E_R[N(R)] - 1) later, with N past the horizon H extended by (R - H) / tokens."""
+    h = forwards.shape[1] - 1
+    r = np.array([n for n, _ in remaining])
+    w = np.array([p for _, p in remaining])
+    expected = forwards[:, np.minimum(r, h)] @ w + float(np.maximum(r - h, 0) @ w) / tokens
+    return first + (expected - 1.0) * later
+
+
 def lossless_finish_values(surv: Sequence[float], cost: Sequence[float], horizon: int) -> tuple[np.ndarray, np.ndarray]:
     """V(r, d): expected seconds for a lossless row to commit r more tokens when it holds d mask drafts.
 
@@ -205,7 +217,7 @@ def lossless_finish_values(surv: Sequence[float], cost: Sequence[float], horizon
     return v, base
 
 
-def lossless_finish_cost(values: np.ndarray, base: np.ndarray, surv: Sequence[float], now: Sequence[float],
+def lossless_finish_cost(values: np.ndarray, base: np.ndarray, surv: Sequence[float], now: np.ndarray,
                          drafts: int, remaining: Sequence[tuple[int, float]]) -> np.ndarray:
     """Expected seconds to finish a lossless row for each mask count m of this forward:
 
@@ -218,8 +230,8 @@ def lossless_finish_cost(values: np.ndarray, base: np.ndarray, surv: Sequence[fl
     r = np.minimum(np.array([n for n, _ in remaining]), h)
     w = np.array([pr for _, pr in remaining])
     d = np.minimum(drafts, r - 1)
-    s = np.asarray(surv, dtype=float)[d]
-    return np.asarray(now, dtype=float) + float(w @ base[r, d]) + (w * s) @ values[r - 1 - d]
+    s = np.asarray(surv)[d]
+    return now + float(w @ base[r, d]) + (w * s) @ values[r - 1 - d]
 
 
 def explore_weight(tries: float, successes: float, patience: float = EXPLORE_PATIENCE) -> float:
@@ -279,15 +291,18 @@ class SlotStats:
         return [(s + n0 * p) / (t + n0) for s, t, p in zip(self.succ, self.tries, self.prior)]
 
     def rates(self) -> list[float]:
-        """What plans read: a = mean + ``OPTIMISM`` * sqrt(mean (1 - mean) / (tries + n0)), at most 1.
+        """What plans read: a = mean + ``OPTIMISM`` * sd0 * n0 / (tries + n0), at most 1, where
+        sd0 = sqrt(mean (1 - mean) / n0) is the spread the prior's n0 pseudo-observations allow.
 
-        mean: ``means``. A slot the plans never reach is never tried, so a
-        prior that undersells it would stand for ever (the demo's profile, over three tasks, says mask 7
-        passes 84% of the time; on copying it passes 98%): planning on the upper end of what the evidence
-        allows tries such slots until their tries make the bound tight (optimism under uncertainty).
+        mean: ``means``. A slot the plans never reach is never tried, so a prior that undersells it would
+        stand for ever (the demo's profile, over three tasks, says mask 7 passes 84% of the time; on copying
+        it passes 98%): planning on the upper end of what the prior allows tries such slots. The bonus fades
+        as 1 / tries rather than as a confidence bound's 1 / sqrt(tries), so a slot that keeps failing (mask
+        1 of an adapted stories260K at threshold 0.9) stops being paid for within a few dozen forwards.
         """
         n0, z = self.strength, OPTIMISM
-        return [min(1.0, a + z * math.sqrt(max(0.0, a * (1.0 - a)) / (t + n0))) for a, t in zip(self.means(), self.tries)]
+        return [min(1.0, a + z * math.sqrt(max(0.0, a * (1.0 - a)) / n0) * n0 / (t + n0))
+                for a, t in zip(self.means(), self.tries)]
 
     def observe(self, proposed: int, accepted: int) -> None:
         """One verification: slots 1..proposed were offered, the first ``accepted`` of them were accepted."""
@@ -485,6 +500,7 @@ class Lookahead:
         self._cached: tuple | None = None
         self.horizon = HORIZON * (k_max + 1)
         self.exploring = False
+        self._now: dict[tuple[int, int, float], np.ndarray] = {}
 
     def best(self, batch: int) -> int:
         """argmax_m r(m) for the current estimates (cached until they or the batch change)."""
@@ -507,10 +523,19 @@ class Lookahead:
         ``remaining``: [(R, P(R))] for the batch's slowest row, ``pending``: the longest pending segment.
         """
         n, tokens = self._finish_tables()
-        cost = lambda q: self.cost(batch, q)  # noqa: E731
-        return best_lookahead(
-            lambda m: 1.0 / finish_cost(n[m], tokens[m], remaining, cost(pending + m), cost(tokens[m] + m)),
-            self.k_max)
+        later = self.stats.memo(("later", batch, self.k_max), lambda: np.array(
+            [self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
+        seconds = finish_costs(n, tokens, remaining, self._first(batch, pending, 1.0), later)
+        rate = (1.0 / seconds).tolist()
+        return best_lookahead(rate.__getitem__, self.k_max)
+
+    def _first(self, batch: int, pending: int, margin: float) -> np.ndarray:
+        """c(B, pending + m) for m = 0..K, masks priced at ``margin`` times (fixed for the call: cached)."""
+        now = self._now.get((batch, pending, margin))
+        if now is None:
+            now = self._now[batch, pending, margin] = np.array(
+                [self.cost(batch, pending + m) * (margin if m else 1.0) for m in range(self.k_max + 1)])
+        return now
 
     def lossless_to_finish(self, batch: int, pending: int, drafts: int, remaining: list[tuple[int, float]]) -> int:
         """Lossless, near a row's end: argmin_m of the expected seconds to finish it (``lossless_finish_cost``).
@@ -519,25 +544,19 @@ class Lookahead:
         longest draft list (the width before masks). Like the stationary choice, lookahead must promise
         ``MARGIN`` over AR: a forward carrying masks or drafts is priced at MARGIN times c(B, q).
         """
-        horizon = min(self.horizon, max(r for r, _ in remaining))  # short answers need short tables
-
         def make():
             cost = [self.cost(batch, q) * (MARGIN if q > 1 else 1.0) for q in range(2 * self.k_max + 2)]
-            surv = survival(accepted_curve(self.stats.rates()), self.k_max)
-            return (*lossless_finish_values(surv, cost, horizon), surv)
+            surv = np.array(survival(accepted_curve(self.stats.rates()), self.k_max))
+            return (*lossless_finish_values(surv, cost, self.horizon), surv)
 
-        values, base, surv = self.stats.memo(("lossless-finish", batch, self.k_max, horizon), make)
-        now = [self.cost(batch, pending + m) * (MARGIN if m else 1.0) for m in range(self.k_max + 1)]
+        values, base, surv = self.stats.memo(("lossless-finish", batch, self.k_max, self.horizon), make)
+        now = self._first(batch, pending, MARGIN)
         return int(np.argmin(lossless_finish_cost(values, base, surv, now, drafts, remaining)))
 
-    def _finish_tables(self) -> tuple[list[list[float]], list[float]]:
-        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates, as lists: the
-        planner reads them one number at a time, which is several times faster from lists than from arrays."""
-        def make():
-            n, tokens = finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon)
-            return n.tolist(), tokens.tolist()
-
-        return self.stats.memo(("finish", self.k_max, self.horizon), make)
+    def _finish_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates."""
+        return self.stats.memo(("finish", self.k_max, self.horizon),
+                               lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
               drafts: int = 0) -> int:
