@@ -1,4 +1,5 @@
-"""Lossless rows planned to their end, the batch's longest answer, and optimistic acceptance estimates.
+"""Lossless rows planned to their end, the batch's longest answer, and optimistic acceptance estimates
+(looser where the slot profile extrapolates).
 
 ``lossless_finish_values`` is checked against the plain recursion it vectorises and against the cases whose
 answer is known (perfect masks finish any answer in two forwards, useless ones never pay); the choice it
@@ -19,13 +20,18 @@ from hypothesis import strategies as st
 from card.checkpoint import load_checkpoint
 from card.eval.decoding import decode, decode_ar
 from card.eval.decoding.planner import (
+    EXTRAPOLATED_STRENGTH,
     LENGTH_PRIOR,
+    PRIOR_STRENGTH,
     LengthStats,
     Lookahead,
     SlotStats,
     accepted_curve,
     lossless_finish_cost,
     lossless_finish_values,
+    prior_strengths,
+    profile_measured,
+    slot_prior,
     survival,
 )
 
@@ -161,3 +167,18 @@ def test_lossless_with_finish_plans_is_greedy_ar(stories, batch_size):
     out = decode("lossless", stories.model, stories.tokenizer, prompts, max_new_tokens=24, stop_strings=["."],
                  batch_size=batch_size)
     assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+
+
+def test_extrapolated_slots_carry_a_weaker_prior():
+    profile = {"bucket_edges": [0], "slots": 5, "accuracy": [[0.9], [0.6], [0.4], [0.5], [0.4]],
+               "count": [[200], [150], [100], [3], [1]]}  # slots 4 and 5 measured too rarely to believe
+    card = {"slot_profile": profile, "adaptation": [{}]}
+    prior, source = slot_prior(card, 4)
+    assert source == "profile" and profile_measured(profile, 4) == 2
+    strengths = prior_strengths(card, 4)
+    assert strengths == [PRIOR_STRENGTH, PRIOR_STRENGTH, EXTRAPOLATED_STRENGTH, EXTRAPOLATED_STRENGTH]
+    loose, firm = SlotStats(prior, strength=strengths).rates(), SlotStats(prior).rates()
+    assert loose[:2] == pytest.approx(firm[:2]) and all(a > b for a, b in zip(loose[2:], firm[2:]))
+    # defaults that are not measurements keep the usual weight
+    assert prior_strengths({"adaptation": [{}]}, 3) == [PRIOR_STRENGTH] * 3
+    assert prior_strengths({}, 3) == [PRIOR_STRENGTH] * 3

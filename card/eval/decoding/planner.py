@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
+EXTRAPOLATED_STRENGTH = 1.0  # ... behind a slot the profile did not measure (``prior_strengths``)
 OPTIMISM = 1.0  # plans read an untried a_j this many prior standard deviations high (``SlotStats.rates``)
 DECAY = 0.98  # per observation: about the last 50 observations count
 EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
@@ -259,9 +260,12 @@ class SlotStats:
     """Running estimates of a_1..a_K: (successes + n0 * prior) / (tries + n0), forgotten by ``DECAY``; plans
     read them optimistically (``rates``)."""
 
-    def __init__(self, prior: Sequence[float], strength: float = PRIOR_STRENGTH, decay: float = DECAY) -> None:
+    def __init__(self, prior: Sequence[float], strength: float | Sequence[float] = PRIOR_STRENGTH,
+                 decay: float = DECAY) -> None:
         self.prior = [min(max(float(p), 0.0), 1.0) for p in prior]
-        self.strength = strength
+        # pseudo-observations behind each slot's prior (fewer where the prior is a guess)
+        self.strength = [float(strength)] * len(self.prior) if isinstance(strength, (int, float)) else [
+            float(x) for x in strength]
         self.decay = decay
         self.succ = [0.0] * len(self.prior)
         self.tries = [0.0] * len(self.prior)
@@ -287,8 +291,7 @@ class SlotStats:
 
     def means(self) -> list[float]:
         """The estimates: (successes + n0 * prior) / (tries + n0)."""
-        n0 = self.strength
-        return [(s + n0 * p) / (t + n0) for s, t, p in zip(self.succ, self.tries, self.prior)]
+        return [(s + n0 * p) / (t + n0) for s, t, p, n0 in zip(self.succ, self.tries, self.prior, self.strength)]
 
     def rates(self) -> list[float]:
         """What plans read: a = mean + ``OPTIMISM`` * sd0 * n0 / (tries + n0), at most 1, where
@@ -300,9 +303,9 @@ class SlotStats:
         as 1 / tries rather than as a confidence bound's 1 / sqrt(tries), so a slot that keeps failing (mask
         1 of an adapted stories260K at threshold 0.9) stops being paid for within a few dozen forwards.
         """
-        n0, z = self.strength, OPTIMISM
+        z = OPTIMISM
         return [min(1.0, a + z * math.sqrt(max(0.0, a * (1.0 - a)) / n0) * n0 / (t + n0))
-                for a, t in zip(self.means(), self.tries)]
+                for a, t, n0 in zip(self.means(), self.tries, self.strength)]
 
     def observe(self, proposed: int, accepted: int) -> None:
         """One verification: slots 1..proposed were offered, the first ``accepted`` of them were accepted."""
@@ -404,16 +407,8 @@ class LengthStats:
         return sorted(out.items())
 
 
-def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[float] | None:
-    """a_1..a_k from a ``slot_profile``: a_j ~ accuracy(slot j+1) / accuracy(slot j).
-
-    The accuracies are those of the prefix-length bucket holding ``prefix`` (the prompts' length) where it
-    has at least two slots measured: masks right after a long prompt do much better than after a short one.
-    Otherwise they are count-weighted over the buckets. Slot 1 is the AR token, slot j+1 mask j. A slot
-    measured fewer than ``PROFILE_MIN_COUNT`` times counts as unmeasured: one miss out of one said "this mask
-    never works" and kept the planner from ever trying it. Missing or malformed fields give None (the caller
-    falls back).
-    """
+def _profile_means(profile: dict, prefix: int | None) -> list[float] | None:
+    """Mean accuracy of slots 1, 2, ... as far as they are measured (see ``profile_prior``); None if malformed."""
     try:
         acc = profile["accuracy"]
         counts = profile.get("count")
@@ -429,9 +424,31 @@ def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[floa
         for row, w in zip(rows, weights):
             pairs = [(float(a), float(c)) for a, c in zip(row, w) if a is not None and c]
             if not pairs or (counts is not None and sum(c for _, c in pairs) < PROFILE_MIN_COUNT):
-                break  # slots past the last one measured (often enough) in the bucket: extrapolated below
+                break  # slots past the last one measured (often enough) in the bucket: extrapolated
             means.append(sum(a * c for a, c in pairs) / sum(c for _, c in pairs))
     except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return means
+
+
+def profile_measured(profile: dict, k: int, prefix: int | None = None) -> int:
+    """How many of ``profile_prior``'s a_1..a_k come from measured slots (the rest are extrapolated)."""
+    means = _profile_means(profile, prefix) if isinstance(profile, dict) else None
+    return 0 if means is None or len(means) < 2 else min(k, len(means) - 1)
+
+
+def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[float] | None:
+    """a_1..a_k from a ``slot_profile``: a_j ~ accuracy(slot j+1) / accuracy(slot j).
+
+    The accuracies are those of the prefix-length bucket holding ``prefix`` (the prompts' length) where it
+    has at least two slots measured: masks right after a long prompt do much better than after a short one.
+    Otherwise they are count-weighted over the buckets. Slot 1 is the AR token, slot j+1 mask j. A slot
+    measured fewer than ``PROFILE_MIN_COUNT`` times counts as unmeasured: one miss out of one said "this mask
+    never works" and kept the planner from ever trying it. Missing or malformed fields give None (the caller
+    falls back).
+    """
+    means = _profile_means(profile, prefix)
+    if means is None:
         return None
     if len(means) < 2:
         return None
@@ -464,6 +481,18 @@ def slot_prior(card_config: dict | None, k: int, prefix: int | None = None) -> t
     if raw.get("adaptation"):
         return [ADAPTED_PRIOR] * k, "adapted"
     return [UNTRAINED_PRIOR] * k, "untrained"
+
+
+def prior_strengths(card_config: dict | None, k: int, prefix: int | None = None) -> list[float]:
+    """Pseudo-observations behind each a_j of ``slot_prior``: ``PRIOR_STRENGTH`` where the slot profile measured
+    the slot, ``EXTRAPOLATED_STRENGTH`` where its a_j is extrapolated: a guess the plans should read loosely
+    (with optimism, high), or a block larger than the bucket's measurements is never tried."""
+    raw = card_config or {}
+    profile = raw.get("slot_profile") if isinstance(raw, dict) else None
+    if not isinstance(profile, dict) or profile_prior(profile, k, prefix) is None:
+        return [PRIOR_STRENGTH] * k
+    measured = profile_measured(profile, k, prefix)
+    return [PRIOR_STRENGTH] * measured + [EXTRAPOLATED_STRENGTH] * (k - measured)
 
 
 def card_config(model) -> dict:

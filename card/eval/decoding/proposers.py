@@ -150,10 +150,10 @@ class Estimates:
     lengths: LengthStats = field(default_factory=LengthStats)
 
     @classmethod
-    def start(cls, prior: list[float], prior_source: str) -> "Estimates":
+    def start(cls, prior: list[float], prior_source: str, strengths: list[float] | None = None) -> "Estimates":
         k = len(prior)
-        return cls(SlotStats(prior), [SlotStats([NGRAM_PRIOR] * k, strength=2.0) for _ in range(NGRAM_MAX)],
-                   prior_source)
+        masks = SlotStats(prior) if strengths is None else SlotStats(prior, strength=strengths)
+        return cls(masks, [SlotStats([NGRAM_PRIOR] * k, strength=2.0) for _ in range(NGRAM_MAX)], prior_source)
 
 
 class MaskProposer:
