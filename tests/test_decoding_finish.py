@@ -1,6 +1,6 @@
 """Planning to the end of an answer, the answer-length estimates, the bucketed slot prior and lookup backoff.
 
-The math (``forwards_to_finish``, ``commit_distribution``, ``finish_cost``) is checked against exact cases
+The math (``forwards_to_finish``, ``commit_distribution``, ``finish_costs``) is checked against exact cases
 and by simulation; the choice it drives against the cases where the answer is known; the backoff on
 converted stories260K, where prompt-lookup drafts rarely pay at batch 8, against greedy AR.
 """
@@ -25,7 +25,6 @@ from card.eval.decoding.planner import (
     SlotStats,
     accepted_curve,
     commit_distribution,
-    finish_cost,
     finish_costs,
     finish_tables,
     forwards_to_finish,
@@ -89,23 +88,29 @@ def test_finish_cost_far_from_the_end_is_the_stationary_rate():
     p = commit_distribution(accepted_curve([0.8] * 4), 4)
     tokens = sum(x * q for x, q in enumerate(p, 1))
     n = forwards_to_finish(p, 10)
-    far = finish_cost(n, tokens, [(1000, 1.0)], 1.0, 1.0)
+
+    def finish_cost(remaining, first, later):  # one mask count: a single row of the tables
+        return finish_costs(np.array([n]), np.array([tokens]), remaining, np.array([first]), np.array([later]))[0]
+
+    far = finish_cost([(1000, 1.0)], 1.0, 1.0)
     assert far == pytest.approx(1000 / tokens, rel=0.02)
-    assert finish_cost(n, tokens, [(3, 0.5), (7, 0.5)], 2.0, 1.0) == pytest.approx(2.0 + 0.5 * (n[3] - 1) + 0.5 * (n[7] - 1))
+    assert finish_cost([(3, 0.5), (7, 0.5)], 2.0, 1.0) == pytest.approx(2.0 + 0.5 * (n[3] - 1) + 0.5 * (n[7] - 1))
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8), st.integers(1, 20),
        st.lists(st.tuples(st.integers(1, 40), st.floats(0.01, 1.0)), min_size=1, max_size=6))
-def test_finish_costs_equal_finish_cost_for_every_m(rates, horizon, lengths):
+def test_finish_costs_equal_their_definition_for_every_m(rates, horizon, lengths):
     k = len(rates)
     total = sum(w for _, w in lengths)
     remaining = [(r, w / total) for r, w in lengths]
     n, tokens = finish_tables(accepted_curve(rates), k, horizon)
     first, later = np.arange(1.0, k + 2), np.linspace(1.0, 2.0, k + 1)
     got = finish_costs(n, tokens, remaining, first, later)
-    for m in range(k + 1):
-        assert got[m] == pytest.approx(finish_cost(list(n[m]), tokens[m], remaining, first[m], later[m]), rel=1e-9)
+    for m in range(k + 1):  # sum_R P(R) [first + (N(R) - 1) later], N extended past the horizon at 1 / tokens
+        nr = [n[m][r] if r <= horizon else n[m][horizon] + (r - horizon) / tokens[m] for r, _ in remaining]
+        want = sum(w * (first[m] + (x - 1.0) * later[m]) for (_, w), x in zip(remaining, nr))
+        assert got[m] == pytest.approx(want, rel=1e-9)
 
 
 def test_a_row_near_its_end_gets_the_masks_that_finish_it():

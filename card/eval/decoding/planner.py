@@ -14,7 +14,7 @@ Every forward commits slot 1 (the exact AR token) plus the accepted slots.
   [(1 - pi_N^B) c(B, 1 + 2m) + pi_N^B c(B, 1 + m)].
 
 Near the end of an answer a parallel row is planned to its end instead (``forwards_to_finish``,
-``finish_cost``): with 9 tokens left, 8 good masks finish in one forward and 7 need two, which the
+``finish_costs``): with 9 tokens left, 8 good masks finish in one forward and 7 need two, which the
 stationary rate barely tells apart. A lossless row is planned to its end too, by a dynamic programme over
 (tokens left, mask drafts held) (``lossless_finish_values``): a copy answer of 12 tokens takes two forwards
 (the first writes 10 mask guesses, the second verifies them) where the stationary choice of 6 masks takes
@@ -53,7 +53,7 @@ NGRAM_PRIOR = 0.5
 PROFILE_MIN_COUNT = 20  # slot measurements below which the profile's accuracy is too noisy to start from
 MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
 LENGTH_PRIOR = 1.0  # pseudo-answers that run to their budget (``LengthStats``)
-HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end (``finish_cost``)
+HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end (``finish_costs``)
 # Re-plan after this many observations (``Lookahead.best``) or forwards with observations (``SlotStats.memo``):
 # the estimates move slowly and planning costs Python time.
 REPLAN = 4
@@ -160,27 +160,16 @@ def finish_tables(curve: Sequence[float], k_max: int, horizon: int) -> tuple[np.
     return n, 1.0 + np.asarray(curve[:k_max + 1], dtype=float)
 
 
-def finish_cost(forwards: Sequence[float], tokens: float, remaining: Sequence[tuple[int, float]],
-                first: float, later: float) -> float:
-    """Expected seconds to finish a row: sum_R P(R) [first + (N(R) - 1) later].
-
-    ``forwards``: N(r) up to a horizon H, extended past it as N(H) + (r - H) / ``tokens`` (the stationary
-    rate); ``first``: this forward's cost (it re-feeds what is pending, a whole prompt at the start);
-    ``later``: a steady-state forward's.
-    """
-    h = len(forwards) - 1
-    total = 0.0
-    for r, p in remaining:
-        n = forwards[r] if r <= h else forwards[h] + (r - h) / tokens
-        total += p * (first + (n - 1.0) * later)
-    return total
-
-
 def finish_costs(forwards: np.ndarray, tokens: np.ndarray, remaining: Sequence[tuple[int, float]],
                  first: np.ndarray, later: np.ndarray) -> np.ndarray:
-    """``finish_cost`` for every m at once: row m of ``forwards`` is N_m(r), ``tokens[m]`` = 1 + A(m),
-    ``first[m]`` / ``later[m]`` the forward costs with m masks. As sum_R P(R) = 1, the time is
-    first + (E_R[N(R)] - 1) later, with N past the horizon H extended by (R - H) / tokens."""
+    """Expected seconds to finish a row, for every mask count m at once:
+
+        T(m) = sum_R P(R) [first(m) + (N_m(R) - 1) later(m)] = first(m) + (E_R[N_m(R)] - 1) later(m).
+
+    Row m of ``forwards`` is N_m(r) up to a horizon H, extended past it as N_m(H) + (r - H) / ``tokens[m]``
+    (the stationary rate, ``tokens[m]`` = 1 + A(m)); ``first[m]``: this forward's cost (it re-feeds what is
+    pending, a whole prompt at the start); ``later[m]``: a steady-state forward's.
+    """
     h = forwards.shape[1] - 1
     r = np.array([n for n, _ in remaining])
     w = np.array([p for _, p in remaining])
@@ -431,7 +420,7 @@ def _profile_means(profile: dict, prefix: int | None) -> list[float] | None:
     return means
 
 
-def profile_measured(profile: dict, k: int, prefix: int | None = None) -> int:
+def profile_measured(profile: dict | None, k: int, prefix: int | None = None) -> int:
     """How many of ``profile_prior``'s a_1..a_k come from measured slots (the rest are extrapolated)."""
     means = _profile_means(profile, prefix) if isinstance(profile, dict) else None
     return 0 if means is None or len(means) < 2 else min(k, len(means) - 1)
@@ -488,10 +477,9 @@ def prior_strengths(card_config: dict | None, k: int, prefix: int | None = None)
     the slot, ``EXTRAPOLATED_STRENGTH`` where its a_j is extrapolated: a guess the plans should read loosely
     (with optimism, high), or a block larger than the bucket's measurements is never tried."""
     raw = card_config or {}
-    profile = raw.get("slot_profile") if isinstance(raw, dict) else None
-    if not isinstance(profile, dict) or profile_prior(profile, k, prefix) is None:
+    measured = profile_measured(raw.get("slot_profile"), k, prefix) if isinstance(raw, dict) else 0
+    if measured == 0:  # no usable profile: ``slot_prior``'s defaults, held at the usual weight
         return [PRIOR_STRENGTH] * k
-    measured = profile_measured(profile, k, prefix)
     return [PRIOR_STRENGTH] * measured + [EXTRAPOLATED_STRENGTH] * (k - measured)
 
 
@@ -529,7 +517,7 @@ class Lookahead:
         self._cached: tuple | None = None
         self.horizon = HORIZON * (k_max + 1)
         self.exploring = False
-        self._now: dict[tuple[int, int, float], np.ndarray] = {}
+        self._first_costs: dict[tuple[int, int, float], np.ndarray] = {}
 
     def best(self, batch: int) -> int:
         """argmax_m r(m) for the current estimates (cached until they or the batch change)."""
@@ -547,22 +535,20 @@ class Lookahead:
         return m
 
     def best_to_finish(self, batch: int, pending: int, remaining: list[tuple[int, float]]) -> int:
-        """Parallel, near a row's end: argmin_m of the expected seconds to finish it (``finish_cost``).
+        """Parallel, near a row's end: argmin_m of the expected seconds to finish it (``finish_costs``).
 
         ``remaining``: [(R, P(R))] for the batch's slowest row, ``pending``: the longest pending segment.
         """
-        n, tokens = self._finish_tables()
-        later = self.stats.memo(("later", batch, self.k_max), lambda: np.array(
-            [self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
+        n, tokens, later = self._finish_tables(batch)
         seconds = finish_costs(n, tokens, remaining, self._first(batch, pending, 1.0), later)
         rate = (1.0 / seconds).tolist()
         return best_lookahead(rate.__getitem__, self.k_max)
 
     def _first(self, batch: int, pending: int, margin: float) -> np.ndarray:
         """c(B, pending + m) for m = 0..K, masks priced at ``margin`` times (fixed for the call: cached)."""
-        now = self._now.get((batch, pending, margin))
+        now = self._first_costs.get((batch, pending, margin))
         if now is None:
-            now = self._now[batch, pending, margin] = np.array(
+            now = self._first_costs[batch, pending, margin] = np.array(
                 [self.cost(batch, pending + m) * (margin if m else 1.0) for m in range(self.k_max + 1)])
         return now
 
@@ -582,10 +568,14 @@ class Lookahead:
         now = self._first(batch, pending, MARGIN)
         return int(np.argmin(lossless_finish_cost(values, base, surv, now, drafts, remaining)))
 
-    def _finish_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates."""
-        return self.stats.memo(("finish", self.k_max, self.horizon),
-                               lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
+    def _finish_tables(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates, and the cost of a
+        steady-state forward with m masks, c(B, 1 + A(m) + m), made together so that they always agree."""
+        def make():
+            n, tokens = finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon)
+            return n, tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)])
+
+        return self.stats.memo(("finish", batch, self.k_max, self.horizon), make)
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
               drafts: int = 0) -> int:

@@ -14,6 +14,7 @@ from card.eval.decoding.planner import (
     MARGIN,
     LengthStats,
     NGRAM_PRIOR,
+    PRIOR_STRENGTH,
     Lookahead,
     SlotStats,
     accepted_curve,
@@ -150,10 +151,11 @@ class Estimates:
     lengths: LengthStats = field(default_factory=LengthStats)
 
     @classmethod
-    def start(cls, prior: list[float], prior_source: str, strengths: list[float] | None = None) -> "Estimates":
+    def start(cls, prior: list[float], prior_source: str,
+              strengths: float | list[float] = PRIOR_STRENGTH) -> "Estimates":
         k = len(prior)
-        masks = SlotStats(prior) if strengths is None else SlotStats(prior, strength=strengths)
-        return cls(masks, [SlotStats([NGRAM_PRIOR] * k, strength=2.0) for _ in range(NGRAM_MAX)], prior_source)
+        return cls(SlotStats(prior, strength=strengths),
+                   [SlotStats([NGRAM_PRIOR] * k, strength=2.0) for _ in range(NGRAM_MAX)], prior_source)
 
 
 class MaskProposer:
