@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from card.checkpoint import load_checkpoint
@@ -20,6 +21,7 @@ from card.eval.decoding import DecodingSpec, decode, decode_ar
 from card.eval.decoding import proposers as proposers_mod
 from card.eval.decoding.planner import (
     LENGTH_PRIOR,
+    UNBOUNDED,
     LengthStats,
     Lookahead,
     SlotStats,
@@ -30,7 +32,7 @@ from card.eval.decoding.planner import (
     forwards_to_finish,
     profile_prior,
 )
-from card.eval.decoding.proposers import UNBOUNDED, Estimates, Outcome, observed_slots
+from card.eval.decoding.proposers import Estimates, MaskProposer, Outcome, observed_slots
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cost_cache")
 
@@ -139,6 +141,53 @@ def test_length_stats_learn_where_answers_end():
     lengths.observe(UNBOUNDED)  # cut by its budget: says nothing short
     assert set(dict(lengths.remaining(3, 13))) == {5, 13}
     assert lengths.remaining(9, 7) == [(7, 1.0)]  # past every length seen: the budget again
+
+
+def test_answer_lengths_that_follow_the_prompt_are_read_from_it():
+    """Copying: the answer is the prompt less 6 tokens. A 12-token prompt expects 6 tokens, wherever the
+    answers seen so far ended, and a batch of such rows is planned for 6 masks' worth, not for the long
+    answers seen before (lm-eval sorts prompts longest first)."""
+    lengths = LengthStats()
+    for p in (18, 18, 17, 17, 16, 16, 15, 15):
+        lengths.observe(p - 6, p)
+    assert lengths.tracks_prompt()
+    rem = dict(lengths.remaining(0, 16, prompt=12))
+    assert set(rem) == {6, 16} and rem[6] > 0.85  # 16: the budget, the prior's pseudo-answer
+    assert set(dict(lengths.remaining_max([(0, 16, 12)] * 32))) == {6, 16}
+
+    cost = lambda b, q: 1.0 + 0.05 * (q - 1)  # noqa: E731
+    proposer = MaskProposer(Lookahead("parallel", 15, True, cost, SlotStats([0.99] * 15)), None, lengths)
+    row = lambda p: SimpleNamespace(tokens=[], max_new_tokens=16, prompt_ids=[1] * p, pending=[1] * p)  # noqa: E731
+    # sure, cheap masks: enough to write the whole answer in one forward (the AR token and 5 masks for 6
+    # tokens), the shorter prompt fewer (both hedge a little for the prior's answer that runs to its budget)
+    short, long = (proposer.propose([row(p)] * 32).masks for p in (12, 18))
+    assert 5 <= short < 11 <= long
+
+    lengths.observe(UNBOUNDED, 14)  # an answer cut by its budget stays "at the budget", not shifted
+    assert set(dict(lengths.remaining(0, 16, prompt=12))) == {6, 16}
+
+
+def test_answer_lengths_that_ignore_the_prompt_are_not_shifted():
+    lengths = LengthStats()
+    for p, n in [(40, 9), (12, 8), (30, 10), (20, 9), (50, 8), (25, 10)]:
+        lengths.observe(n, p)
+    assert not lengths.tracks_prompt()
+    assert lengths.remaining(0, 16, prompt=100) == lengths.remaining(0, 16, prompt=5) == lengths.remaining(0, 16)
+
+
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=20))
+def test_lengths_follow_the_prompt_when_the_least_squares_slope_exceeds_one_half(answers):
+    """Var(L - p) < Var(L) is Var(p) < 2 Cov(L, p): the slope of L on p above 1/2 (no decay here)."""
+    lengths = LengthStats(decay=1.0)
+    for p, n in answers:
+        lengths.observe(n, p)
+    p, n = np.array(answers, dtype=float).T
+    if p.var() == 0:  # one prompt length: nothing to read from it
+        assert not lengths.tracks_prompt()
+        return
+    slope = ((p - p.mean()) * (n - n.mean())).mean() / p.var()
+    assume(abs(slope - 0.5) > 1e-6)
+    assert lengths.tracks_prompt() == (slope > 0.5)
 
 
 def test_parallel_decoding_learns_answer_lengths_and_stays_consistent(stories):

@@ -193,7 +193,12 @@ def finish_step(row: Row, new: list[int], eos_ids: tuple[int, ...], decode_text:
 
         if hit(len(new)):
             row.finish_reason = "stop"
-            return new[:next(k for k in range(1, len(new) + 1) if hit(k))]
+            # Texts of longer prefixes extend shorter ones, so the first hit follows the last miss; searched
+            # from the end, as the stop string is nearly always in the last token or two.
+            k = len(new) - 1
+            while k > 0 and hit(k):
+                k -= 1
+            return new[:k + 1]
     if len(row.tokens) + len(new) >= row.max_new_tokens:
         row.finish_reason = "length"
     return new

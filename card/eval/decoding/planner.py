@@ -53,6 +53,7 @@ NGRAM_PRIOR = 0.5
 PROFILE_MIN_COUNT = 20  # slot measurements below which the profile's accuracy is too noisy to start from
 MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
 LENGTH_PRIOR = 1.0  # pseudo-answers that run to their budget (``LengthStats``)
+UNBOUNDED = 1 << 30  # the length recorded for an answer its budget cut: longer than any budget
 HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end (``finish_costs``)
 # Re-plan after this many observations (``Lookahead.best``) or forwards with observations (``SlotStats.memo``):
 # the estimates move slowly and planning costs Python time.
@@ -323,27 +324,56 @@ class LengthStats:
     Only answers that ended by themselves (EOS, stop string) teach a length; one that ran into its budget
     says only "at least that long". ``LENGTH_PRIOR`` pseudo-weight sits on "runs to its budget", so before
     any answer ended a row is planned as if it used its whole budget.
+
+    Answers are kept with the length of their prompt. Where answer lengths track prompt lengths (copying,
+    reversing, translating: the offsets L - p vary less than the lengths L, i.e. the least-squares slope of L
+    on p exceeds one half), a row with a p-token prompt expects p plus an observed offset; otherwise the
+    observed lengths themselves (``lengths_for``). lm-eval sorts prompts by length, so without this a batch
+    of short copies would be planned for the long ones seen before it.
     """
 
     def __init__(self, decay: float = DECAY) -> None:
         self.decay = decay
-        self.weights: dict[int, float] = {}  # length -> forgotten count
+        self.weights: dict[tuple[int, int], float] = {}  # (prompt length, answer length) -> forgotten count
         self.version = 0
+        self._views: dict[int, dict[int, float]] = {}
+        self._tracks: bool | None = None
 
-    def observe(self, length: int) -> None:
+    def observe(self, length: int, prompt: int = 0) -> None:
         f = self.decay
-        self.weights = {n: w * f for n, w in self.weights.items() if w * f > 1e-3}
-        self.weights[length] = self.weights.get(length, 0.0) + 1.0
+        self.weights = {k: w * f for k, w in self.weights.items() if w * f > 1e-3}
+        self.weights[prompt, length] = self.weights.get((prompt, length), 0.0) + 1.0
         self.version += 1
+        self._views, self._tracks = {}, None
 
-    def remaining(self, done: int, budget: int, prior: float = LENGTH_PRIOR) -> list[tuple[int, float]]:
+    def tracks_prompt(self) -> bool:
+        """Do answer lengths follow prompt lengths: Var_w(L - p) < Var_w(L) over the answers that ended?"""
+        if self._tracks is None:
+            ended = [(p, n, w) for (p, n), w in self.weights.items() if n < UNBOUNDED]
+            self._tracks = len({p for p, _, _ in ended}) > 1 and _variance(
+                [(n - p, w) for p, n, w in ended]) < _variance([(n, w) for _, n, w in ended]) - 1e-9
+        return self._tracks
+
+    def lengths_for(self, prompt: int = 0) -> dict[int, float]:
+        """{answer length: weight} expected of a row whose prompt has ``prompt`` tokens (see the class)."""
+        view = self._views.get(prompt)
+        if view is None:
+            shift = self.tracks_prompt()
+            view = {}
+            for (p, n), w in self.weights.items():
+                length = n if not shift or n >= UNBOUNDED else max(1, n - p + prompt)
+                view[length] = view.get(length, 0.0) + w
+            self._views[prompt] = view
+        return view
+
+    def remaining(self, done: int, budget: int, prior: float = LENGTH_PRIOR, prompt: int = 0) -> list[tuple[int, float]]:
         """[(R, P(R))] for a row with ``done`` tokens and at most ``budget`` more: R = min(L - done, budget).
 
         ``prior``: the pseudo-weight on "runs to its budget"; with 0 and no answer longer than ``done``,
-        the row is planned to its budget all the same.
+        the row is planned to its budget all the same. ``prompt``: the row's prompt length.
         """
         at_budget, short = prior, {}
-        for n, w in self.weights.items():
+        for n, w in self.lengths_for(prompt).items():
             r = n - done
             if r >= budget:
                 at_budget += w
@@ -354,22 +384,24 @@ class LengthStats:
             return [(budget, 1.0)]
         return [(r, w / total) for r, w in sorted(short.items())] + [(budget, at_budget / total)]
 
-    def remaining_max(self, rows: Sequence[tuple[int, int]]) -> list[tuple[int, float]]:
-        """[(R, P(R))] for the most tokens any of ``rows`` (done, budget) still has to write: a static batch
-        runs until its slowest row ends.
+    def remaining_max(self, rows: Sequence[tuple[int, ...]]) -> list[tuple[int, float]]:
+        """[(R, P(R))] for the most tokens any of ``rows`` (done, budget[, prompt length]) still has to write:
+        a static batch runs until its slowest row ends.
 
         The rows' lengths are drawn independently from the observed answers, P(max <= v) = prod_b
-        P(R_b <= v) (rows with the same (done, budget) share one distribution, raised to their count), and
-        the prior's "runs to its budget" enters once for the batch, with the weight it has for one row: were
-        it drawn per row, 32 rows would almost surely have one running to its budget, and a batch would
-        always be planned as if it did.
+        P(R_b <= v) (rows with the same (done, budget, prompt) share one distribution, raised to their
+        count), and the prior's "runs to its budget" enters once for the batch, with the weight it has for
+        one row: were it drawn per row, 32 rows would almost surely have one running to its budget, and a
+        batch would always be planned as if it did.
         """
         if len(rows) == 1:
-            return self.remaining(*rows[0])
-        groups: dict[tuple[int, int], int] = {}
-        for key in rows:
+            done, budget, *prompt = rows[0]
+            return self.remaining(done, budget, prompt=prompt[0] if prompt else 0)
+        groups: dict[tuple[int, int, int], int] = {}
+        for done, budget, *prompt in rows:
+            key = (done, budget, prompt[0] if prompt else 0)
             groups[key] = groups.get(key, 0) + 1
-        dists = [(self.remaining(done, budget, prior=0.0), n) for (done, budget), n in groups.items()]
+        dists = [(self.remaining(done, budget, prior=0.0, prompt=p), n) for (done, budget, p), n in groups.items()]
         support = sorted({r for d, _ in dists for r, _ in d})
         cdfs = []
         for d, n in dists:
@@ -380,10 +412,10 @@ class LengthStats:
                     i += 1
                 cdf.append(min(1.0, run) ** n)
             cdfs.append(cdf)
-        done = min(d for d, _ in rows)
-        longer = sum(w for n, w in self.weights.items() if n > done)
+        done, _, prompt = min(groups)
+        longer = sum(w for n, w in self.lengths_for(prompt).items() if n > done)
         share = LENGTH_PRIOR / (LENGTH_PRIOR + longer)
-        top = max(b for _, b in rows)
+        top = max(b for _, b, _ in groups)
         out, before = {}, 0.0
         for j, v in enumerate(support):
             now = 1.0
@@ -394,6 +426,15 @@ class LengthStats:
                 before = now
         out[top] = out.get(top, 0.0) + share
         return sorted(out.items())
+
+
+def _variance(values: Sequence[tuple[float, float]]) -> float:
+    """Weighted variance of [(x, weight)]: sum w (x - mean)^2 / sum w."""
+    total = sum(w for _, w in values)
+    if total <= 0:
+        return 0.0
+    mean = sum(x * w for x, w in values) / total
+    return sum(w * (x - mean) ** 2 for x, w in values) / total
 
 
 def _profile_means(profile: dict, prefix: int | None) -> list[float] | None:
@@ -518,6 +559,7 @@ class Lookahead:
         self.horizon = HORIZON * (k_max + 1)
         self.exploring = False
         self._first_costs: dict[tuple[int, int, float], np.ndarray] = {}
+        self._later: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch -> (1 + A(m) it priced, its costs)
 
     def best(self, batch: int) -> int:
         """argmax_m r(m) for the current estimates (cached until they or the batch change)."""
@@ -571,11 +613,12 @@ class Lookahead:
     def _finish_tables(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates, and the cost of a
         steady-state forward with m masks, c(B, 1 + A(m) + m), made together so that they always agree."""
-        def make():
-            n, tokens = finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon)
-            return n, tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)])
-
-        return self.stats.memo(("finish", batch, self.k_max, self.horizon), make)
+        n, tokens = self.stats.memo(("finish", self.k_max, self.horizon),
+                                    lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
+        made = self._later.get(batch)
+        if made is None or made[0] is not tokens:  # priced again whenever the tables were made again
+            made = self._later[batch] = (tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
+        return n, tokens, made[1]
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
               drafts: int = 0) -> int:

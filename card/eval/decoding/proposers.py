@@ -17,6 +17,7 @@ from card.eval.decoding.planner import (
     PRIOR_STRENGTH,
     Lookahead,
     SlotStats,
+    UNBOUNDED,
     accepted_curve,
     critical_gain,
     survival,
@@ -27,7 +28,6 @@ NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest
 # min(2^n - 1, LOOKUP_BACKOFF_MAX) forwards skip the lookups and the choice: on text where they never pay,
 # their Python work per row would make lossless slower than AR.
 LOOKUP_BACKOFF_MAX = 15
-UNBOUNDED = 1 << 30  # the length recorded for an answer its budget cut: longer than any budget
 
 
 @dataclass
@@ -106,7 +106,7 @@ def observed_slots(row, outcome: Outcome, committed: list[int], first_slot_token
 
 def _batch_remaining(lengths: LengthStats | None, rows) -> list[tuple[int, float]] | None:
     """[(R, P(R))] for the tokens the batch's slowest row still has to write (None: no length estimates)."""
-    return lengths.remaining_max([(len(r.tokens), _remaining(r)) for r in rows]) if lengths else None
+    return lengths.remaining_max([(len(r.tokens), _remaining(r), len(r.prompt_ids)) for r in rows]) if lengths else None
 
 
 def observe_lengths(lengths: LengthStats | None, rows) -> None:
@@ -115,9 +115,9 @@ def observe_lengths(lengths: LengthStats | None, rows) -> None:
         return
     for r in rows:
         if r.finish_reason in ("eos", "stop"):
-            lengths.observe(len(r.tokens))
+            lengths.observe(len(r.tokens), len(r.prompt_ids))
         elif r.finish_reason is not None:
-            lengths.observe(UNBOUNDED)
+            lengths.observe(UNBOUNDED, len(r.prompt_ids))
 
 
 def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int], str | None, list[float], float]:
