@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -547,6 +548,18 @@ def warn_untrained(model, mode: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the choice
+_PRICED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def priced(cost) -> dict:
+    """Cost vectors already read from ``cost`` (kept as long as it lives): c(B, q) is fixed once measured,
+    and a batch of one row makes a new ``Lookahead`` for every answer, a forward or two."""
+    table = _PRICED.get(cost)
+    if table is None:
+        table = _PRICED[cost] = {}
+    return table
+
+
 class Lookahead:
     """Masks per forward for one batch: fixed K, or argmax of the rate with bounded exploration."""
 
@@ -558,8 +571,6 @@ class Lookahead:
         self._cached: tuple | None = None
         self.horizon = HORIZON * (k_max + 1)
         self.exploring = False
-        self._first_costs: dict[tuple[int, int, float], np.ndarray] = {}
-        self._later: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch -> (1 + A(m) it priced, its costs)
 
     def best(self, batch: int) -> int:
         """argmax_m r(m) for the current estimates (cached until they or the batch change)."""
@@ -587,10 +598,11 @@ class Lookahead:
         return best_lookahead(rate.__getitem__, self.k_max)
 
     def _first(self, batch: int, pending: int, margin: float) -> np.ndarray:
-        """c(B, pending + m) for m = 0..K, masks priced at ``margin`` times (fixed for the call: cached)."""
-        now = self._first_costs.get((batch, pending, margin))
+        """c(B, pending + m) for m = 0..K, masks priced at ``margin`` times (``priced``: a cost is fixed)."""
+        key = ("first", batch, pending, margin, self.k_max)
+        now = priced(self.cost).get(key)
         if now is None:
-            now = self._first_costs[batch, pending, margin] = np.array(
+            now = priced(self.cost)[key] = np.array(
                 [self.cost(batch, pending + m) * (margin if m else 1.0) for m in range(self.k_max + 1)])
         return now
 
@@ -615,9 +627,10 @@ class Lookahead:
         steady-state forward with m masks, c(B, 1 + A(m) + m), made together so that they always agree."""
         n, tokens = self.stats.memo(("finish", self.k_max, self.horizon),
                                     lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
-        made = self._later.get(batch)
+        key = ("later", batch, self.k_max)
+        made = priced(self.cost).get(key)
         if made is None or made[0] is not tokens:  # priced again whenever the tables were made again
-            made = self._later[batch] = (tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
+            made = priced(self.cost)[key] = (tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
         return n, tokens, made[1]
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
