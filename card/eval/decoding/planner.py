@@ -395,12 +395,15 @@ class LengthStats:
         one row: were it drawn per row, 32 rows would almost surely have one running to its budget, and a
         batch would always be planned as if it did.
         """
+        if not self.weights:  # nothing ended yet: every row may run to its budget
+            return [(max(r[1] for r in rows), 1.0)]
         if len(rows) == 1:
             done, budget, *prompt = rows[0]
             return self.remaining(done, budget, prompt=prompt[0] if prompt else 0)
+        shift = self.tracks_prompt()  # else every prompt length reads the same lengths: one group
         groups: dict[tuple[int, int, int], int] = {}
         for done, budget, *prompt in rows:
-            key = (done, budget, prompt[0] if prompt else 0)
+            key = (done, budget, prompt[0] if prompt and shift else 0)
             groups[key] = groups.get(key, 0) + 1
         dists = [(self.remaining(done, budget, prior=0.0, prompt=p), n) for (done, budget, p), n in groups.items()]
         support = sorted({r for d, _ in dists for r, _ in d})
