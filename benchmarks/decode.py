@@ -6,7 +6,8 @@ Default model: the real stories260K from ``$CARD_DATA_DIR`` (default ``../shared
 temporary folder. An unadapted model accepts few parallel tokens: that is the honest baseline.
 Prompts: the first sentence of distinct TinyStories validation paragraphs (or ``--prompt-file``).
 
-Runs, at batch 1 and 8, interleaved across repeats so that background load hits all of them alike:
+Runs, at batch 1 and 8, interleaved across repeats so that background load hits all of them alike (each
+repeat starts one mode later, so that no mode always runs first or after the same one):
 ``ar``; ``parallel`` (the checkpoint's threshold) and ``parallel@0.7`` with automatic lookahead and with the
 fixed block size; ``lossless`` automatic (mask + prompt-lookup drafts) and fixed (mask drafts); and two
 ``transformers`` peers: greedy ``generate`` (AR) and prompt-lookup decoding (``prompt_lookup_num_tokens``,
@@ -150,15 +151,17 @@ def run(model_path: str | None, max_new_tokens: int, n_prompts: int, repeats: in
         hf_forwards[key] = counter.n - n0
 
     peers = [("hf-generate", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS})]
-    for _ in range(repeats):  # interleave modes so that background load hits all of them alike
+    calls = [(label, lambda bs, spec=spec: decode(spec, model, tok, prompts, max_new_tokens=max_new_tokens,
+                                                  batch_size=bs, stop_strings=stop)) for label, spec in specs]
+    calls += [(label, lambda bs, kw=kw: hf_generate(model, tok, prompts, bs, max_new_tokens, stop, **kw))
+              for label, kw in peers]
+    for r in range(repeats):  # interleave modes so that background load hits all of them alike
         for bs in batch_sizes:
-            for label, spec in specs:
-                timed((label, bs), lambda: decode(spec, model, tok, prompts, max_new_tokens=max_new_tokens,
-                                                  batch_size=bs, stop_strings=stop))
-            for label, kw in peers:
-                if kw and bs > 1:
+            # Each repeat starts one mode later: no mode always runs first, or always after the same one.
+            for label, call in calls[r % len(calls):] + calls[:r % len(calls)]:
+                if label == "hf-prompt-lookup" and bs > 1:
                     continue  # transformers' prompt lookup is batch-1 only
-                timed((label, bs), lambda: hf_generate(model, tok, prompts, bs, max_new_tokens, stop, **kw))
+                timed((label, bs), lambda: call(bs))
 
     rows = []
     for bs in batch_sizes:
