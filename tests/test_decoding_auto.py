@@ -7,6 +7,7 @@ the planner's choices against brute force; the cost cache against real timed for
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -173,6 +174,26 @@ def test_cost_model_is_measured_once_then_read_from_disk(tiny, monkeypatch, tmp_
             torch.set_num_threads(1)
     finally:
         handle.remove()
+
+
+def test_the_weights_are_hashed_again_only_once_they_change(tiny, monkeypatch):
+    ck = tiny("llama", 0)  # shared with other tests: the weights are put back exactly (x2, then x0.5)
+    hashed = []
+    real = cost_mod.fingerprint
+    monkeypatch.setattr(cost_mod, "fingerprint", lambda m: hashed.append(1) or real(m))
+    monkeypatch.setattr(cost_mod, "_WEIGHTS", weakref.WeakKeyDictionary())
+    first = CostModel.for_model(ck.model).key["weights"]
+    assert CostModel.for_model(ck.model).key["weights"] == first and len(hashed) == 1  # looked up, not hashed
+    weight = next(ck.model.parameters())
+    try:
+        with torch.no_grad():
+            weight.mul_(2.0)  # changed in place: another model, another cost table
+        assert CostModel.for_model(ck.model).key["weights"] != first and len(hashed) == 2
+        assert cost_mod.weights_fingerprint(ck.model) == real(ck.model)
+    finally:
+        with torch.no_grad():
+            weight.mul_(0.5)
+    assert CostModel.for_model(ck.model).key["weights"] == first
 
 
 def test_prepare_measures_the_cost_model_before_a_timed_decode(tiny, monkeypatch, tmp_path):
