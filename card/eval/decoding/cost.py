@@ -22,6 +22,7 @@ one JSON file per (weights fingerprint, device, dtype, threads, torch version).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -92,6 +93,7 @@ def device_name(device: torch.device) -> str:
     return cpu_model()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
