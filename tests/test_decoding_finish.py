@@ -143,6 +143,19 @@ def test_length_stats_learn_where_answers_end():
     assert lengths.remaining(9, 7) == [(7, 1.0)]  # past every length seen: the budget again
 
 
+def test_cost_vectors_are_shared_across_batches_and_bounded():
+    from card.eval.decoding import planner
+
+    cost = lambda b, q: 1.0 + 0.1 * (q - 1)  # noqa: E731
+    first = Lookahead("parallel", 8, True, cost, SlotStats([0.9] * 8))._first(4, 20, 1.0)
+    again = Lookahead("parallel", 8, True, cost, SlotStats([0.9] * 8))._first(4, 20, 1.0)
+    assert again is first and first.tolist() == [cost(4, 20 + m) for m in range(9)]  # one batch per answer: shared
+    look = Lookahead("parallel", 8, True, cost, SlotStats([0.9] * 8))
+    for pending in range(planner.PRICED_MAX + 10):  # every prompt width of a long run
+        look._first(4, pending, 1.0)
+    assert len(planner.priced(cost)) <= planner.PRICED_MAX
+
+
 def test_answer_lengths_that_follow_the_prompt_are_read_from_it():
     """Copying: the answer is the prompt less 6 tokens. A 12-token prompt expects 6 tokens, wherever the
     answers seen so far ended, and a batch of such rows is planned for 6 masks' worth, not for the long

@@ -554,11 +554,14 @@ def warn_untrained(model, mode: str) -> None:
 _PRICED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+PRICED_MAX = 4096  # cost vectors kept per cost model (keyed by batch and prompt width: a long run sees many)
+
+
 def priced(cost) -> dict:
-    """Cost vectors already read from ``cost`` (kept as long as it lives): c(B, q) is fixed once measured,
-    and a batch of one row makes a new ``Lookahead`` for every answer, a forward or two."""
+    """Cost vectors already read from ``cost`` (kept as long as it lives, at most ``PRICED_MAX``): c(B, q) is
+    fixed once measured, and a batch of one row makes a new ``Lookahead`` for every answer, a forward or two."""
     table = _PRICED.get(cost)
-    if table is None:
+    if table is None or len(table) >= PRICED_MAX:
         table = _PRICED[cost] = {}
     return table
 
