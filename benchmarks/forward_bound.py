@@ -32,7 +32,7 @@ from benchmarks.decode import file_prompts
 def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, max_new_tokens: int,
         stop: list[str], repeats: int, lm_eval_order: bool = False) -> dict:
     from card.checkpoint import load_checkpoint
-    from card.eval.decoding import prepare
+    from card.eval.decoding import decode_spec, prepare, start_estimates
 
     ck = load_checkpoint(ckpt, dtype="float32", require_card=True)
     groups = [[ck.tokenizer(p)["input_ids"] for p in file_prompts(path)] for path in prompt_files]
@@ -53,8 +53,6 @@ def run(ckpt: str, prompt_files: list[str], modes: list[str], batch_size: int, m
         return out
 
     def decode_groups(mode: str, some: list[list[list[int]]]) -> None:
-        from card.eval.decoding import decode_spec, start_estimates
-
         for g in some:  # one set of acceptance estimates per task, as the lm-eval model keeps
             decode_spec(model, ck.tokenizer, g, mode, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         stop_strings=stop, estimates=start_estimates(model, mode, len(g[len(g) // 2])))

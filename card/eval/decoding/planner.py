@@ -60,6 +60,7 @@ HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end
 # the estimates move slowly and planning costs Python time.
 REPLAN = 4
 REPLAN_DRIFT = 0.01  # ... and only once some a_j moved by more than this since the tables were made
+PRICED_MAX = 4096  # cost vectors kept per cost model (keyed by batch and prompt width: a long run sees many)
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -397,13 +398,14 @@ class LengthStats:
         """
         if not self.weights:  # nothing ended yet: every row may run to its budget
             return [(max(r[1] for r in rows), 1.0)]
+        rows = [(done, budget, prompt[0] if prompt else 0) for done, budget, *prompt in rows]
         if len(rows) == 1:
-            done, budget, *prompt = rows[0]
-            return self.remaining(done, budget, prompt=prompt[0] if prompt else 0)
+            done, budget, prompt = rows[0]
+            return self.remaining(done, budget, prompt=prompt)
         shift = self.tracks_prompt()  # else every prompt length reads the same lengths: one group
         groups: dict[tuple[int, int, int], int] = {}
-        for done, budget, *prompt in rows:
-            key = (done, budget, prompt[0] if prompt and shift else 0)
+        for done, budget, prompt in rows:
+            key = (done, budget, prompt if shift else 0)
             groups[key] = groups.get(key, 0) + 1
         dists = [(self.remaining(done, budget, prior=0.0, prompt=p), n) for (done, budget, p), n in groups.items()]
         support = sorted({r for d, _ in dists for r, _ in d})
@@ -482,9 +484,7 @@ def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[floa
     falls back).
     """
     means = _profile_means(profile, prefix)
-    if means is None:
-        return None
-    if len(means) < 2:
+    if means is None or len(means) < 2:
         return None
     rates = [min(1.0, means[j + 1] / means[j]) if means[j] > 0 else 0.0 for j in range(len(means) - 1)]
     rates += [rates[-1] * 0.9 ** (i + 1) for i in range(max(0, k - len(rates)))]  # deeper than profiled
@@ -554,9 +554,6 @@ def warn_untrained(model, mode: str) -> None:
 _PRICED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-PRICED_MAX = 4096  # cost vectors kept per cost model (keyed by batch and prompt width: a long run sees many)
-
-
 def priced(cost) -> dict:
     """Cost vectors already read from ``cost`` (kept as long as it lives, at most ``PRICED_MAX``): c(B, q) is
     fixed once measured, and a batch of one row makes a new ``Lookahead`` for every answer, a forward or two."""
@@ -605,10 +602,10 @@ class Lookahead:
 
     def _first(self, batch: int, pending: int, margin: float) -> np.ndarray:
         """c(B, pending + m) for m = 0..K, masks priced at ``margin`` times (``priced``: a cost is fixed)."""
-        key = ("first", batch, pending, margin, self.k_max)
-        now = priced(self.cost).get(key)
+        table, key = priced(self.cost), ("first", batch, pending, margin, self.k_max)
+        now = table.get(key)
         if now is None:
-            now = priced(self.cost)[key] = np.array(
+            now = table[key] = np.array(
                 [self.cost(batch, pending + m) * (margin if m else 1.0) for m in range(self.k_max + 1)])
         return now
 
@@ -633,10 +630,10 @@ class Lookahead:
         steady-state forward with m masks, c(B, 1 + A(m) + m), made together so that they always agree."""
         n, tokens = self.stats.memo(("finish", self.k_max, self.horizon),
                                     lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
-        key = ("later", batch, self.k_max)
-        made = priced(self.cost).get(key)
+        table, key = priced(self.cost), ("later", batch, self.k_max)
+        made = table.get(key)
         if made is None or made[0] is not tokens:  # priced again whenever the tables were made again
-            made = priced(self.cost)[key] = (tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
+            made = table[key] = (tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
         return n, tokens, made[1]
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
