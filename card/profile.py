@@ -6,6 +6,14 @@ s-1+j). Slot j therefore predicts x[s+j-1]. For every slot j and prefix-length b
 
     loss_bits[j][b] = mean over measured (row, s) with s in b of  -log2 p_j(x[s+j-1] | x[0:s], M^(j-1))
     accuracy[j][b]  = mean of  [argmax p_j == x[s+j-1]]
+    runs[key][j][b] = mean of  prod_{i=2..j} [slot i passes]   (runs[key][1][b] = 1: slot 1 is always kept)
+
+``runs`` measures what decoding accepts, a contiguous run of mask slots: under ``"greedy"`` a slot passes
+when its argmax is the next token (lossless accepts a mask's guess while it equals the AR token), under
+``"conf>=t"`` when its top probability is at least t (parallel's prefix rule at threshold t). The ratio
+runs[j+1] / runs[j] is the acceptance of mask j given the ones before it, which is what the planner needs;
+accuracies alone cannot give it (a deep mask right 5% of the time, whether or not the masks before it were
+right, looked accepted 95% of the time after them).
 
 with the decoder's vocabulary (the mask token and padding rows never predicted). Bucket b holds the prefix
 lengths ``bucket_edges[b] <= s < bucket_edges[b+1]`` (the last bucket is open). The result is the dict stored
@@ -34,6 +42,7 @@ FORMAT = 1
 DEFAULT_BUCKET_EDGES = (0, 16, 64, 256)
 DEFAULT_POSITIONS_PER_FORWARD = 32
 DEFAULT_MAX_ROWS = 64
+RUN_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # parallel thresholds whose acceptance runs a profile records
 
 
 def bucket_index(s: int | np.ndarray, edges: Sequence[int]) -> int | np.ndarray:
@@ -94,14 +103,17 @@ def measure_slot_profile(
     measured_by: str = "measure_slot_profile",
     on_forward: Callable[[], None] | None = None,
     first_prefix: Sequence[int] | None = None,
+    thresholds: Sequence[float] = RUN_THRESHOLDS,
 ) -> dict[str, Any]:
-    """Per-slot mean loss (bits) and greedy accuracy by prefix bucket, over every prefix of every row.
+    """Per-slot mean loss (bits), greedy accuracy and acceptance runs by prefix bucket, over every prefix of
+    every row.
 
     ``token_rows``: token id rows (each a clean sequence, usually starting with BOS); every prefix length
     s = 1 .. len(row)-1 is measured, slot j only where the target x[s+j-1] lies inside the row. Rows of equal
     length share batched forwards. ``first_prefix[i]``: row i counts only prefixes s >= first_prefix[i]
     (prompt/completion data: where a decoder writes, not inside the prompt, whose next tokens no model can
-    guess). Returns the ``slot_profile`` dict (module docstring); buckets with no measurement hold ``None``.
+    guess). ``thresholds``: the confidence levels whose runs are recorded. Returns the ``slot_profile`` dict
+    (module docstring); buckets with no measurement hold ``None``.
     """
     edges = check_bucket_edges(bucket_edges)
     if K < 0:
@@ -118,6 +130,8 @@ def measure_slot_profile(
     loss = np.zeros((slots, nb))
     correct = np.zeros((slots, nb))
     count = np.zeros((slots, nb), dtype=np.int64)
+    run_keys = ["greedy"] + [f"conf>={float(t):g}" for t in thresholds]
+    runs = np.zeros((len(run_keys), slots, nb))
     by_len: dict[int, list[tuple[torch.Tensor, int]]] = {}
     for r, f in kept:
         by_len.setdefault(len(r), []).append((r, f))
@@ -153,14 +167,34 @@ def measure_slot_profile(
                 picked = logp[:, q_at]  # (B, n, V)
                 target = x.to(device)[:, t_at]  # (B, n)
                 bits = (-picked.gather(2, target[..., None])[..., 0] / math.log(2) * counted).sum(0).cpu().numpy()
-                hits = ((picked.argmax(-1) == target) & counted).sum(0).cpu().numpy()
+                top, arg = picked.max(-1)
+                hit = arg == target  # (B, n)
+                hits = (hit & counted).sum(0).cpu().numpy()
                 np.add.at(loss, (slot_of, bucket_of), bits)
                 np.add.at(correct, (slot_of, bucket_of), hits)
                 np.add.at(count, (slot_of, bucket_of), counted.sum(0).cpu().numpy())
+                passes = [hit] + [top.exp() >= t for t in thresholds]  # per run key: (B, n) slot passes
+                kept_runs = _runs(torch.stack(passes), slot_of) & counted  # (keys, B, n)
+                np.add.at(runs, (slice(None), slot_of, bucket_of), kept_runs.sum(1).cpu().numpy())
     mean = lambda a: [[None if c == 0 else round(float(v / c), 5) for v, c in zip(av, cv)] for av, cv in zip(a, count)]  # noqa: E731
     return {"format": FORMAT, "measured_by": measured_by, "tokens": int(sum(len(r) for r, _ in kept)),
             "bucket_edges": edges, "slots": slots, "loss_bits": mean(loss), "accuracy": mean(correct),
-            "count": count.tolist()}
+            "runs": {k: mean(r) for k, r in zip(run_keys, runs)}, "count": count.tolist()}
+
+
+def _runs(passes: torch.Tensor, slot_of: Sequence[int]) -> torch.Tensor:
+    """``passes[..., n]`` over consecutive (prefix, slot) entries, each prefix's slots 0, 1, 2, ... in order:
+    whether slots 1..slot of the entry's prefix all pass (slot 0, the AR token, always counts as passing).
+
+    A run holds while no failure has been counted since its prefix's slot 0: with F the running count of
+    failures, entry i passes iff F[i] == F[start(i)], start(i) = i - slot(i).
+    """
+    slot = torch.tensor(slot_of, device=passes.device)
+    fails = (~passes).long()
+    fails[..., slot == 0] = 0
+    total = fails.cumsum(-1)
+    start = torch.arange(len(slot_of), device=passes.device) - slot
+    return total == total[..., start]
 
 
 def check_profile(profile: Any) -> dict[str, Any]:
@@ -171,8 +205,13 @@ def check_profile(profile: Any) -> dict[str, Any]:
     if profile["format"] != FORMAT:
         raise CardError(f"slot_profile format {profile['format']} is not supported (this toolkit reads {FORMAT})")
     nb, slots = len(profile["bucket_edges"]), profile["slots"]
-    for k in ("loss_bits", "accuracy", "count"):
-        if len(profile[k]) != slots or any(len(r) != nb for r in profile[k]):
+    tables = [(k, profile[k]) for k in ("loss_bits", "accuracy", "count")]
+    runs = profile.get("runs", {})  # optional: profiles measured before runs were recorded lack it
+    if not isinstance(runs, dict):
+        raise CardError("slot_profile runs must map a pass rule to a table")
+    tables += [(f"runs[{k}]", t) for k, t in runs.items()]
+    for k, table in tables:
+        if len(table) != slots or any(len(r) != nb for r in table):
             raise CardError(f"slot_profile {k} is not {slots} slots x {nb} buckets")
     return profile
 

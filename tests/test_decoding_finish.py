@@ -1,4 +1,5 @@
-"""Planning to the end of an answer, the answer-length estimates, the bucketed slot prior and lookup backoff.
+"""Planning to the end of an answer, the answer-length estimates, the bucketed slot prior and lookup backoff;
+settling on AR without planning where no lookahead can pay (``Lookahead.futile``).
 
 The math (``forwards_to_finish``, ``commit_distribution``, ``finish_costs``) is checked against exact cases
 and by simulation; the choice it drives against the cases where the answer is known; the backoff on
@@ -31,6 +32,8 @@ from card.eval.decoding.planner import (
     finish_tables,
     forwards_to_finish,
     profile_prior,
+    run_key,
+    slot_prior,
 )
 from card.eval.decoding.proposers import Estimates, MaskProposer, Outcome, observed_slots
 
@@ -305,3 +308,56 @@ def test_finished_answers_do_not_teach_that_deep_masks_fail():
     seen = 3 * 0.98 ** 3  # three successes each, forgotten once per observation
     assert rates[:3] == pytest.approx([(seen + 4 * 0.5) / (seen + 4)] * 3)
     assert rates[3:] == pytest.approx([0.5] * 5)  # never needed: still the prior
+
+
+def test_the_prior_reads_the_acceptance_runs_of_the_mode():
+    """With a runs table a_j is the share of runs reaching mask j among those reaching mask j - 1. Read from the
+    accuracies instead, deep masks right 5% of the time whatever came before looked accepted 95% of the time."""
+    acc = [[0.6], [0.2], [0.1], [0.095]]
+    profile = {"bucket_edges": [0], "slots": 4, "accuracy": acc, "count": [[900], [800], [700], [600]],
+               "runs": {"greedy": [[1.0], [0.2], [0.04], [0.01]],
+                        "conf>=0.7": [[1.0], [0.1], [0.02], [0.0]], "conf>=0.9": [[1.0], [0.02], [0.0], [0.0]]}}
+    assert run_key(profile, "lossless") == "greedy"
+    assert run_key(profile, "parallel", 0.9) == "conf>=0.9" and run_key(profile, "parallel", 0.75) == "conf>=0.7"
+    assert run_key(profile, "parallel", 0.8) == "conf>=0.9"  # equally near: the stricter level
+    assert run_key({k: v for k, v in profile.items() if k != "runs"}, "lossless") is None
+    assert profile_prior(profile, 3, run="greedy") == pytest.approx([0.2, 0.2, 0.25])
+    assert profile_prior(profile, 3, run="conf>=0.9") == pytest.approx([0.02, 0.0, 0.0])
+    assert profile_prior(profile, 3)[2] == pytest.approx(0.95)  # the accuracies' ratio
+    assert slot_prior({"slot_profile": profile}, 3, run="conf>=0.7") == (pytest.approx([0.1, 0.2, 0.0]), "profile")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6), st.floats(0.0, 0.6), st.floats(0.0, 0.2),
+       st.integers(1, 40), st.integers(1, 8), st.sampled_from(["parallel", "lossless"]))
+def test_futile_lookahead_is_never_chosen(rates, step, slope, remaining, pending, mode):
+    """Where (1 + A(K)) c(B, p) <= c(B, p + 1), no choice of masks beats AR: the planner's own choices (the
+    stationary one and the plans to the end of an answer) are all 0, so skipping them changes nothing."""
+    cost = lambda b, q: 1.0 + step * (q > 1) + slope * (q - 1)  # noqa: E731
+    look = Lookahead(mode, len(rates), True, cost, SlotStats(rates, strength=1e6))
+    if not look.futile(1, pending):
+        return
+    assert look.best(1) == 0
+    if mode == "parallel":
+        assert look.best_to_finish(1, pending, [(remaining, 1.0)]) == 0
+    else:
+        assert look.lossless_to_finish(1, pending, 0, [(remaining, 1.0)]) == 0
+
+
+def test_masks_that_cannot_pay_are_settled_without_planning(monkeypatch):
+    """Masks accepted 2% of the time at a cost of 20% a mask: every forward past the prompt is AR, decided
+    without computing the planner's choices or the batch's answer lengths; a wide first forward (the prompt,
+    where masks cost almost nothing more) is still planned."""
+    from card.eval.decoding import planner, proposers
+
+    calls = []
+    for name in ("best", "best_to_finish"):
+        monkeypatch.setattr(planner.Lookahead, name, lambda *a, name=name, **k: calls.append(name) or 0)
+    monkeypatch.setattr(proposers, "_batch_remaining", lambda *a: calls.append("lengths") or None)
+    cost = lambda b, q: 1.0 + 0.2 * min(q - 1, 1) + 0.01 * (q - 1)  # noqa: E731
+    look = Lookahead("parallel", 8, True, cost, SlotStats([0.02] * 8), explore=0.0)
+    proposer = MaskProposer(look, look.stats, LengthStats())
+    row = lambda p: SimpleNamespace(tokens=[], max_new_tokens=16, prompt_ids=[1] * 20, pending=[1] * p)  # noqa: E731
+    assert [proposer.propose([row(1)] * 4).masks for _ in range(20)] == [0] * 20 and calls == []
+    proposer.propose([row(20)] * 4)
+    assert calls == ["lengths", "best"]

@@ -164,3 +164,35 @@ def test_cli_profile_fresh_conversion(card_ckpts, tmp_path):
     assert (dst / "config.json").read_bytes() == before
     bad = CliRunner().invoke(app, ["profile", str(dst), "--data", str(text), "--buckets", "3,8"])
     assert bad.exit_code == 2 and "bucket edges" in bad.output
+
+
+def test_runs_are_the_passing_mask_slots_of_separate_forwards(card_ckpts):
+    """runs[key][j]: the share of prefixes whose mask slots 1..j-1 all pass, recomputed from one forward per
+    prefix over x[0:s] + K masks; the greedy run of slot 2 is slot 2's accuracy, and runs only shrink."""
+    ck = load_checkpoint(card_ckpts["llama"], dtype="float32")
+    rows, K, edges, mid = _rows(ck.tokenizer, n=2, length=24), 3, [0, 8], ck.meta.mask_token_id
+    measured = []  # (bucket, hits per slot, top probability per slot) of every prefix
+    for r in rows:
+        for s in range(1, len(r)):
+            with torch.no_grad():
+                logits = ck.model(input_ids=torch.tensor(r[:s] + [mid] * K)[None]).logits[0].float()
+            logits[:, ck.meta.suppressed_token_ids] = float("-inf")
+            probs = torch.softmax(logits[s - 1:s + K], -1)[: len(r) - s]  # slots whose target is in the row
+            top, arg = probs.max(-1)
+            hits = [int(arg[j]) == r[s + j] for j in range(len(top))]
+            measured.append((bucket_index(s, edges), hits, top.tolist()))
+    mask_tops = sorted(t for _, _, tops in measured for t in tops[1:])
+    level = (mask_tops[len(mask_tops) // 2] + mask_tops[len(mask_tops) // 2 + 1]) / 2  # no prefix sits on it
+    p = check_profile(measure_slot_profile(ck.model, rows, K, edges, positions_per_forward=5, thresholds=(0.0, level)))
+    key = next(k for k in p["runs"] if k not in ("greedy", "conf>=0"))
+    for name, passes in (("greedy", lambda h, t: h), ("conf>=0", lambda h, t: True), (key, lambda h, t: t >= level)):
+        want = np.zeros((K + 1, 2))
+        for b, hits, tops in measured:
+            run = True
+            for j in range(len(hits)):
+                run = run and (j == 0 or passes(hits[j], tops[j]))
+                want[j, b] += run
+        got = np.array([[np.nan if v is None else v for v in row] for row in p["runs"][name]])
+        assert got == pytest.approx(want / np.array(p["count"]), abs=1e-5), name  # stored to 5 places
+        assert np.all(np.diff(got, axis=0) <= 1e-12)
+    assert p["runs"]["conf>=0"][1] == [1.0, 1.0] and p["runs"]["greedy"][1] == p["accuracy"][1]

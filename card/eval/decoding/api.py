@@ -23,7 +23,14 @@ from card.eval.decoding.engine import (
     result_text,
     run_batch,
 )
-from card.eval.decoding.planner import Lookahead, card_config, prior_strengths, slot_prior, warn_untrained
+from card.eval.decoding.planner import (
+    Lookahead,
+    card_config,
+    prior_strengths,
+    run_key,
+    slot_prior,
+    warn_untrained,
+)
 from card.eval.decoding.proposers import BudgetProposer, DraftProposer, Estimates, MaskProposer
 from card.eval.decoding.spec import DEFAULT_MAX_NEW_TOKENS, MODES, DecodingSpec
 from card.metadata import DecodingDefaults, read_metadata
@@ -134,8 +141,9 @@ def start_estimates(model: tf.PreTrainedModel, spec: DecodingSpec | str, prompt_
     spec = DecodingSpec.parse(spec) if isinstance(spec, str) else spec
     spec = _resolve(spec, read_metadata(model.config))
     raw, k = card_config(model), spec.block_size or 0
-    prior, source = slot_prior(raw, k, prompt_tokens)
-    return Estimates.start(prior, source, prior_strengths(raw, k, prompt_tokens))
+    run = run_key(raw.get("slot_profile"), spec.mode, spec.threshold)
+    prior, source = slot_prior(raw, k, prompt_tokens, run)
+    return Estimates.start(prior, source, prior_strengths(raw, k, prompt_tokens, run))
 
 
 def _mode(spec: DecodingSpec, cost, estimates: Estimates, auto: bool, meta=None):

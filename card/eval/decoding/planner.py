@@ -443,10 +443,31 @@ def _variance(values: Sequence[tuple[float, float]]) -> float:
     return sum(w * (x - mean) ** 2 for x, w in values) / total
 
 
-def _profile_means(profile: dict, prefix: int | None) -> list[float] | None:
-    """Mean accuracy of slots 1, 2, ... as far as they are measured (see ``profile_prior``); None if malformed."""
+def run_key(profile, mode: str, threshold: float | None = None) -> str | None:
+    """The ``slot_profile["runs"]`` table that measures what ``mode`` accepts: ``"greedy"`` for lossless, for
+    parallel the recorded confidence level nearest ``threshold``; None where the profile records no runs
+    (profiles made before runs were measured: the accuracies stand in)."""
+    runs = profile.get("runs") if isinstance(profile, dict) else None
+    if not isinstance(runs, dict):
+        return None
+    if mode == "lossless":
+        return "greedy" if "greedy" in runs else None
+    levels = {}
+    for key in runs:
+        try:
+            levels[key] = float(key.removeprefix("conf>="))
+        except (AttributeError, ValueError):
+            continue
+    if mode != "parallel" or threshold is None or not levels:
+        return None
+    return min(levels, key=lambda key: (abs(levels[key] - threshold), -levels[key]))
+
+
+def _profile_means(profile: dict, prefix: int | None, run: str | None = None) -> list[float] | None:
+    """Mean accuracy (or, with ``run``, the mean of that runs table) of slots 1, 2, ... as far as they are
+    measured (see ``profile_prior``); None if malformed."""
     try:
-        acc = profile["accuracy"]
+        acc = profile["runs"][run] if run is not None else profile["accuracy"]
         counts = profile.get("count")
         rows = [list(row) if isinstance(row, (list, tuple)) else [row] for row in acc]
         weights = [list(counts[s]) if counts is not None and len(counts) > s else [1.0] * len(row)
@@ -467,23 +488,25 @@ def _profile_means(profile: dict, prefix: int | None) -> list[float] | None:
     return means
 
 
-def profile_measured(profile: dict | None, k: int, prefix: int | None = None) -> int:
+def profile_measured(profile: dict | None, k: int, prefix: int | None = None, run: str | None = None) -> int:
     """How many of ``profile_prior``'s a_1..a_k come from measured slots (the rest are extrapolated)."""
-    means = _profile_means(profile, prefix) if isinstance(profile, dict) else None
+    means = _profile_means(profile, prefix, run) if isinstance(profile, dict) else None
     return 0 if means is None or len(means) < 2 else min(k, len(means) - 1)
 
 
-def profile_prior(profile: dict, k: int, prefix: int | None = None) -> list[float] | None:
-    """a_1..a_k from a ``slot_profile``: a_j ~ accuracy(slot j+1) / accuracy(slot j).
+def profile_prior(profile: dict, k: int, prefix: int | None = None, run: str | None = None) -> list[float] | None:
+    """a_1..a_k from a ``slot_profile``: a_j = run(slot j+1) / run(slot j), the acceptance of mask j given the
+    masks before it, from the runs table ``run`` (``run_key``); without one, a_j ~ accuracy(slot j+1) /
+    accuracy(slot j), which overrates deep masks (right as often after a miss as after a hit).
 
-    The accuracies are those of the prefix-length bucket holding ``prefix`` (the prompts' length) where it
+    The table's values are those of the prefix-length bucket holding ``prefix`` (the prompts' length) where it
     has at least two slots measured: masks right after a long prompt do much better than after a short one.
     Otherwise they are count-weighted over the buckets. Slot 1 is the AR token, slot j+1 mask j. A slot
     measured fewer than ``PROFILE_MIN_COUNT`` times counts as unmeasured: one miss out of one said "this mask
     never works" and kept the planner from ever trying it. Missing or malformed fields give None (the caller
     falls back).
     """
-    means = _profile_means(profile, prefix)
+    means = _profile_means(profile, prefix, run)
     if means is None or len(means) < 2:
         return None
     rates = [min(1.0, means[j + 1] / means[j]) if means[j] > 0 else 0.0 for j in range(len(means) - 1)]
@@ -501,15 +524,17 @@ def _bucket(edges, prefix: int | None) -> int | None:
         return None
 
 
-def slot_prior(card_config: dict | None, k: int, prefix: int | None = None) -> tuple[list[float], str]:
+def slot_prior(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None
+               ) -> tuple[list[float], str]:
     """The prior a_1..a_k for mask slots and where it came from (``profile``, ``adapted`` or ``untrained``).
 
-    ``prefix``: the typical prompt length, which picks the slot profile's prefix-length bucket.
+    ``prefix``: the typical prompt length, which picks the slot profile's prefix-length bucket; ``run``: the
+    profile's runs table to read (``run_key``; None: its accuracies).
     """
     raw = card_config or {}
     profile = raw.get("slot_profile") if isinstance(raw, dict) else None
     if isinstance(profile, dict):
-        rates = profile_prior(profile, k, prefix)
+        rates = profile_prior(profile, k, prefix, run)
         if rates is not None:
             return rates, "profile"
     if raw.get("adaptation"):
@@ -517,12 +542,12 @@ def slot_prior(card_config: dict | None, k: int, prefix: int | None = None) -> t
     return [UNTRAINED_PRIOR] * k, "untrained"
 
 
-def prior_strengths(card_config: dict | None, k: int, prefix: int | None = None) -> list[float]:
+def prior_strengths(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None) -> list[float]:
     """Pseudo-observations behind each a_j of ``slot_prior``: ``PRIOR_STRENGTH`` where the slot profile measured
     the slot, ``EXTRAPOLATED_STRENGTH`` where its a_j is extrapolated: a guess the plans should read loosely
     (with optimism, high), or a block larger than the bucket's measurements is never tried."""
     raw = card_config or {}
-    measured = profile_measured(raw.get("slot_profile"), k, prefix) if isinstance(raw, dict) else 0
+    measured = profile_measured(raw.get("slot_profile"), k, prefix, run) if isinstance(raw, dict) else 0
     if measured == 0:  # no usable profile: ``slot_prior``'s defaults, held at the usual weight
         return [PRIOR_STRENGTH] * k
     return [PRIOR_STRENGTH] * measured + [EXTRAPOLATED_STRENGTH] * (k - measured)
@@ -636,6 +661,20 @@ class Lookahead:
             made = table[key] = (tokens, np.array([self.cost(batch, float(t) + m) for m, t in enumerate(tokens)]))
         return n, tokens, made[1]
 
+    def futile(self, batch: int, pending: int = 1) -> bool:
+        """True when no number of masks can beat AR now: (1 + A(K)) c(B, p) <= c(B, p + 1), p = ``pending``.
+
+        A forward carrying masks commits at most 1 + A(K) tokens on average and costs at least
+        c(B, p + 1), where AR's commits one for c(B, p); by Wald's identity no plan made of such forwards
+        finishes sooner than AR's, so the planner (which asks ``MARGIN`` more) would choose 0 anyway. An
+        unadapted checkpoint's masks (A(K) about 0.02) and a prior that keeps failing are settled here
+        without planning, at the cost of one multiplication per forward.
+        """
+        if not self.auto or self.k_max == 0:
+            return False
+        reach = self.stats.memo("reach", lambda: accepted_curve(self.stats.rates())[-1])
+        return (1.0 + reach) * self.cost(batch, pending) <= self.cost(batch, pending + 1)
+
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
               drafts: int = 0) -> int:
         """The masks of the next forward (at most ``k_max``).
@@ -648,7 +687,9 @@ class Lookahead:
         if not self.auto or self.k_max == 0:
             return self.k_max
         near = bool(remaining) and remaining[0][0] <= self.horizon
-        if near and self.mode == "parallel":
+        if self.futile(batch, pending):
+            m = 0
+        elif near and self.mode == "parallel":
             m = self.best_to_finish(batch, pending, remaining)
         elif near:
             m = self.lossless_to_finish(batch, pending, drafts, remaining)

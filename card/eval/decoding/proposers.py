@@ -174,9 +174,12 @@ class MaskProposer:
         pass
 
     def propose(self, rows) -> Proposal:
-        m = 0
-        if self.lookahead is not None:
-            m = self.lookahead.masks(len(rows), max(len(r.pending) for r in rows), _batch_remaining(self.lengths, rows))
+        m, la = 0, self.lookahead
+        if la is not None:
+            B, width = len(rows), max(len(r.pending) for r in rows)
+            # The lengths are read only where masks might pay: most forwards of a model whose masks do not.
+            remaining = None if la.futile(B, width) else _batch_remaining(self.lengths, rows)
+            m = la.masks(B, width, remaining)
         # Masks beyond every row's remaining budget can never be committed; masks only see the slots before
         # them, so dropping the trailing ones changes no prediction.
         m = max(0, min(m, max(_remaining(r) - 1 for r in rows)))
@@ -232,8 +235,11 @@ class DraftProposer:
         m = 0
         if self.use_masks:
             width = max(len(r.pending) for r in rows) + max(map(len, mask_d))
-            slowest = max(rows, key=_remaining)
-            m = self.lookahead.masks(B, width, _batch_remaining(self.lengths, rows), len(slowest.drafts))
+            if self.lookahead.futile(B, width):
+                m = self.lookahead.masks(B, width)
+            else:
+                slowest = max(rows, key=_remaining)
+                m = self.lookahead.masks(B, width, _batch_remaining(self.lengths, rows), len(slowest.drafts))
         ngram: list[tuple[list[int], int]] = []
         if self.use_ngram and self._skip == 0:
             ngram = [r.ngram.lookup(min(self.k_max, _remaining(r) - 1)) for r in rows]
