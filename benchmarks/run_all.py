@@ -2,7 +2,7 @@
 
     python -m benchmarks.run_all [--demo runs/demo] [--real] [--sweep]
 
-Runs convert, train_step, loglikelihood, decode (the unadapted stories260K) and scaling. With a finished
+Runs convert, train_step, loglikelihood, decode and parity (the unadapted stories260K) and scaling. With a finished
 ``card demo`` run folder (default ``runs/demo``, made by ``make demo``) it also benchmarks decoding on the
 demo's adapted model and uses it for the block-size sweep. ``--real`` adds the real run
 (``benchmarks.real_run``: stories260K adapted and evaluated; about an hour on 2 CPU cores); ``--sweep`` the
@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks import convert, decode, loglikelihood, real_run, recipe_sweep, scaling, train_step
+from benchmarks import convert, decode, loglikelihood, parity, real_run, recipe_sweep, scaling, train_step
 
 
 def demo_prompts(demo: Path, per_task: int, dst: Path) -> Path:
@@ -40,6 +40,7 @@ def main(argv=None) -> None:
     train_step.main(out)
     loglikelihood.main(out)
     decode.main(["--threads", "1", *out])
+    parity.main(["--threads", "1", *out])
     demo = Path(args.demo)
     demo_model = demo / "card" / "final"
     with tempfile.TemporaryDirectory() as tmp:

@@ -196,6 +196,38 @@ def test_the_weights_are_hashed_again_only_once_they_change(tiny, monkeypatch):
     assert CostModel.for_model(ck.model).key["weights"] == first
 
 
+def test_a_replaced_weight_is_seen_and_every_tensor_is_watched(tiny, monkeypatch):
+    """The fingerprint's state covers exactly the parameters and buffers (the tied embedding once per holder),
+    and a parameter replaced by another object (not changed in place) gives another key."""
+    ck = tiny("llama", 0)
+    model = ck.model
+    assert {id(t) for t in cost_mod._tensors(model)} == {id(t) for t in (*model.parameters(), *model.buffers())}
+    monkeypatch.setattr(cost_mod, "_WEIGHTS", weakref.WeakKeyDictionary())
+    first = cost_mod.weights_fingerprint(model)
+    norm = model.model.norm
+    old = norm.weight
+    try:
+        norm.weight = torch.nn.Parameter(old.detach() * 3.0)
+        assert cost_mod.weights_fingerprint(model) != first
+    finally:
+        norm.weight = old
+    assert cost_mod.weights_fingerprint(model) == first
+
+
+def test_fresh_estimates_share_the_plans_made_from_the_same_prior():
+    """A decode call starts its estimates afresh from the checkpoint's prior; the plans to the end made from
+    them are kept (read-only) for the next call with the same prior instead of being made again."""
+    from card.eval.decoding.planner import Lookahead, SlotStats
+
+    cost = lambda b, q: 1.0 + 0.1 * (q - 1)  # noqa: E731
+    tables = [Lookahead("parallel", 6, True, cost, SlotStats([0.8] * 6))._finish_tables(2) for _ in range(2)]
+    assert tables[0][0] is tables[1][0] and tables[0][1] is tables[1][1]
+    other = Lookahead("parallel", 6, True, cost, SlotStats([0.5] * 6))._finish_tables(2)
+    assert other[0] is not tables[0][0]
+    lossless = [Lookahead("lossless", 6, True, cost, SlotStats([0.8] * 6)) for _ in range(2)]
+    assert lossless[0].lossless_to_finish(2, 1, 0, [(5, 1.0)]) == lossless[1].lossless_to_finish(2, 1, 0, [(5, 1.0)])
+
+
 def test_prepare_measures_the_cost_model_before_a_timed_decode(tiny, monkeypatch, tmp_path):
     """The lm-eval model times whole decode calls: after ``prepare`` none of them measures anything."""
     from card.eval.decoding import prepare

@@ -26,9 +26,8 @@ from card.eval.decoding.engine import (
 from card.eval.decoding.planner import (
     Lookahead,
     card_config,
-    prior_strengths,
+    prior_and_strengths,
     run_key,
-    slot_prior,
     warn_untrained,
 )
 from card.eval.decoding.proposers import BudgetProposer, DraftProposer, Estimates, MaskProposer
@@ -142,8 +141,8 @@ def start_estimates(model: tf.PreTrainedModel, spec: DecodingSpec | str, prompt_
     spec = _resolve(spec, read_metadata(model.config))
     raw, k = card_config(model), spec.block_size or 0
     run = run_key(raw.get("slot_profile"), spec.mode, spec.threshold)
-    prior, source = slot_prior(raw, k, prompt_tokens, run)
-    return Estimates.start(prior, source, prior_strengths(raw, k, prompt_tokens, run))
+    prior, source, strengths = prior_and_strengths(raw, k, prompt_tokens, run)
+    return Estimates.start(prior, source, strengths)
 
 
 def _mode(spec: DecodingSpec, cost, estimates: Estimates, auto: bool, meta=None):

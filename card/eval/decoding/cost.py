@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import platform
 import time
@@ -48,7 +47,7 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 25
 BUDGET_S = 0.5
 FORMAT = 3  # 3: at least 5 rounds (tables measured with 2 are not reused)
 
-_MEMORY: dict[str, "CostModel"] = {}
+_MEMORY: dict[str | tuple, "CostModel"] = {}  # by the key's digest, and by the fields it is made from
 
 
 def cache_dir() -> Path:
@@ -78,13 +77,25 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     in-place version counter costs a tenth of that.
     """
     try:
-        state = tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+        state = tuple((t.data_ptr(), t._version) for t in _tensors(model))
     except RuntimeError:  # inference tensors keep no version counter: hash every time
         return fingerprint(model)
     hit = _WEIGHTS.get(model)
     if hit is None or hit[0] != state:
         hit = _WEIGHTS[model] = (state, fingerprint(model))
     return hit[1]
+
+
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model`` (a shared one once per holder), by walking the module tree
+    directly: ``parameters()`` builds every module's dotted name on the way, four times the cost."""
+    out, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        out += [t for t in module._parameters.values() if t is not None]
+        out += [t for t in module._buffers.values() if t is not None]
+        stack += [m for m in module._modules.values() if m is not None]
+    return out
 
 
 def device_name(device: torch.device) -> str:
@@ -147,19 +158,24 @@ class CostModel:
     @classmethod
     def for_model(cls, model: tf.PreTrainedModel) -> "CostModel":
         """The (cached) cost model of ``model`` on its device, dtype and current thread count."""
-        key = {"format": FORMAT, "weights": weights_fingerprint(model), "device": str(model.device),
-               "device_name": device_name(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "prefix": PREFIX,
-               "query_grid": list(QUERY_GRID)}
+        device = model.device
+        fields = (weights_fingerprint(model), str(device), model.dtype, torch.get_num_threads())
+        cm = _MEMORY.get(fields)  # a decode call looks its cost model up: skip the key's JSON and hash
+        if cm is not None:
+            cm._measure = lambda b: measure_table(model, b)
+            return cm
+        key = {"format": FORMAT, "weights": fields[0], "device": fields[1], "device_name": device_name(device),
+               "dtype": str(model.dtype).removeprefix("torch."), "threads": fields[3], "torch": torch.__version__,
+               "prefix": PREFIX, "query_grid": list(QUERY_GRID)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         if digest in _MEMORY:
-            cm = _MEMORY[digest]
+            cm = _MEMORY[fields] = _MEMORY[digest]
             cm._measure = lambda b: measure_table(model, b)
             return cm
         path = cache_dir() / f"{digest}.json"
         tables = _read(path, key)
         cm = cls(key, lambda b: measure_table(model, b), tables, path)
-        _MEMORY[digest] = cm
+        _MEMORY[digest] = _MEMORY[fields] = cm
         return cm
 
     def measure_up_to(self, batch: int) -> None:

@@ -491,6 +491,10 @@ def _profile_means(profile: dict, prefix: int | None, run: str | None = None) ->
 def profile_measured(profile: dict | None, k: int, prefix: int | None = None, run: str | None = None) -> int:
     """How many of ``profile_prior``'s a_1..a_k come from measured slots (the rest are extrapolated)."""
     means = _profile_means(profile, prefix, run) if isinstance(profile, dict) else None
+    return _measured(means, k)
+
+
+def _measured(means: list[float] | None, k: int) -> int:
     return 0 if means is None or len(means) < 2 else min(k, len(means) - 1)
 
 
@@ -506,7 +510,10 @@ def profile_prior(profile: dict, k: int, prefix: int | None = None, run: str | N
     never works" and kept the planner from ever trying it. Missing or malformed fields give None (the caller
     falls back).
     """
-    means = _profile_means(profile, prefix, run)
+    return _rates(_profile_means(profile, prefix, run), k)
+
+
+def _rates(means: list[float] | None, k: int) -> list[float] | None:
     if means is None or len(means) < 2:
         return None
     rates = [min(1.0, means[j + 1] / means[j]) if means[j] > 0 else 0.0 for j in range(len(means) - 1)]
@@ -531,26 +538,30 @@ def slot_prior(card_config: dict | None, k: int, prefix: int | None = None, run:
     ``prefix``: the typical prompt length, which picks the slot profile's prefix-length bucket; ``run``: the
     profile's runs table to read (``run_key``; None: its accuracies).
     """
-    raw = card_config or {}
-    profile = raw.get("slot_profile") if isinstance(raw, dict) else None
-    if isinstance(profile, dict):
-        rates = profile_prior(profile, k, prefix, run)
-        if rates is not None:
-            return rates, "profile"
-    if raw.get("adaptation"):
-        return [ADAPTED_PRIOR] * k, "adapted"
-    return [UNTRAINED_PRIOR] * k, "untrained"
+    prior, source, _ = prior_and_strengths(card_config, k, prefix, run)
+    return prior, source
 
 
 def prior_strengths(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None) -> list[float]:
     """Pseudo-observations behind each a_j of ``slot_prior``: ``PRIOR_STRENGTH`` where the slot profile measured
     the slot, ``EXTRAPOLATED_STRENGTH`` where its a_j is extrapolated: a guess the plans should read loosely
     (with optimism, high), or a block larger than the bucket's measurements is never tried."""
-    raw = card_config or {}
-    measured = profile_measured(raw.get("slot_profile"), k, prefix, run) if isinstance(raw, dict) else 0
-    if measured == 0:  # no usable profile: ``slot_prior``'s defaults, held at the usual weight
-        return [PRIOR_STRENGTH] * k
-    return [PRIOR_STRENGTH] * measured + [EXTRAPOLATED_STRENGTH] * (k - measured)
+    return prior_and_strengths(card_config, k, prefix, run)[2]
+
+
+def prior_and_strengths(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None
+                        ) -> tuple[list[float], str, list[float]]:
+    """``slot_prior`` and ``prior_strengths`` together, reading the profile once."""
+    raw = card_config if isinstance(card_config, dict) else {}
+    profile = raw.get("slot_profile")
+    means = _profile_means(profile, prefix, run) if isinstance(profile, dict) else None
+    rates = _rates(means, k)
+    if rates is not None:
+        measured = _measured(means, k)
+        return rates, "profile", [PRIOR_STRENGTH] * measured + [EXTRAPOLATED_STRENGTH] * (k - measured)
+    if raw.get("adaptation"):
+        return [ADAPTED_PRIOR] * k, "adapted", [PRIOR_STRENGTH] * k
+    return [UNTRAINED_PRIOR] * k, "untrained", [PRIOR_STRENGTH] * k
 
 
 def card_config(model) -> dict:
@@ -586,6 +597,25 @@ def priced(cost) -> dict:
     if table is None or len(table) >= PRICED_MAX:
         table = _PRICED[cost] = {}
     return table
+
+
+_SHARED: dict = {}
+SHARED_MAX = 256
+
+
+def shared(key, make: Callable[[], object]):
+    """``make()``, kept for later callers with the same ``key`` (at most ``SHARED_MAX`` kept; read-only).
+
+    Every decode call starts its estimates afresh from the same prior, and the plans to the end built from
+    them (0.2 ms on the demo model) were made again at every call: a caller decoding one prompt at a time
+    paid them per prompt.
+    """
+    hit = _SHARED.get(key)
+    if hit is None:
+        if len(_SHARED) >= SHARED_MAX:
+            _SHARED.clear()
+        hit = _SHARED[key] = make()
+    return hit
 
 
 class Lookahead:
@@ -643,8 +673,9 @@ class Lookahead:
         """
         def make():
             cost = [self.cost(batch, q) * (MARGIN if q > 1 else 1.0) for q in range(2 * self.k_max + 2)]
-            surv = np.array(survival(accepted_curve(self.stats.rates()), self.k_max))
-            return (*lossless_finish_values(surv, cost, self.horizon), surv)
+            surv = survival(accepted_curve(self.stats.rates()), self.k_max)
+            return shared(("lossless-finish", tuple(surv), tuple(cost), self.horizon),
+                          lambda: (*lossless_finish_values(np.array(surv), cost, self.horizon), np.array(surv)))
 
         values, base, surv = self.stats.memo(("lossless-finish", batch, self.k_max, self.horizon), make)
         now = self._first(batch, pending, MARGIN)
@@ -653,8 +684,12 @@ class Lookahead:
     def _finish_tables(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates, and the cost of a
         steady-state forward with m masks, c(B, 1 + A(m) + m), made together so that they always agree."""
-        n, tokens = self.stats.memo(("finish", self.k_max, self.horizon),
-                                    lambda: finish_tables(accepted_curve(self.stats.rates()), self.k_max, self.horizon))
+        def make():
+            curve = accepted_curve(self.stats.rates())
+            return shared(("finish", tuple(curve), self.k_max, self.horizon),
+                          lambda: finish_tables(curve, self.k_max, self.horizon))
+
+        n, tokens = self.stats.memo(("finish", self.k_max, self.horizon), make)
         table, key = priced(self.cost), ("later", batch, self.k_max)
         made = table.get(key)
         if made is None or made[0] is not tokens:  # priced again whenever the tables were made again
