@@ -361,3 +361,28 @@ def test_masks_that_cannot_pay_are_settled_without_planning(monkeypatch):
     assert [proposer.propose([row(1)] * 4).masks for _ in range(20)] == [0] * 20 and calls == []
     proposer.propose([row(20)] * 4)
     assert calls == ["lengths", "best"]
+
+
+def test_prompt_lookup_is_planned_at_its_mean_acceptance():
+    """A fresh 1-gram estimate (prior 0.5) does not pay for 8 drafts that double a one-token forward's cost,
+    though read optimistically it did (SmolLM2 on this CPU kept paying for such lookups); the same drafts
+    are taken where they cost little more than the forward itself: cheap drafts, or a prompt's first forward."""
+    from card.eval.decoding.proposers import DraftProposer
+
+    def proposer(cost):
+        est = Estimates.start([0.02] * 8, "untrained")
+        return DraftProposer(8, ("mask", "ngram"), Lookahead("lossless", 8, True, cost, est.masks), est, cost, True)
+
+    text = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
+
+    def row(pending):
+        r = SimpleNamespace(tokens=[], max_new_tokens=32, prompt_ids=text, pending=pending)
+        return r
+
+    costly = lambda b, q: 1.0 + 1.0 * (q > 1) + 0.01 * q  # noqa: E731  an extra token doubles the cost
+    cheap = lambda b, q: 1.0 + 0.02 * (q - 1)  # noqa: E731
+    for cost, pending, drafted in ((costly, [text[-1]], False), (cheap, [text[-1]], True), (costly, text, True)):
+        p = proposer(cost)
+        r = row(pending)
+        p.start(r)
+        assert bool(p.propose([r]).drafts[0]) == drafted, (pending == text, cost is cheap)
