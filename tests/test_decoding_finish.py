@@ -366,11 +366,13 @@ def test_masks_that_cannot_pay_are_settled_without_planning(monkeypatch):
 def test_prompt_lookup_is_planned_at_its_mean_acceptance():
     """A fresh 1-gram estimate (prior 0.5) does not pay for 8 drafts that double a one-token forward's cost,
     though read optimistically it did (SmolLM2 on this CPU kept paying for such lookups); the same drafts
-    are taken where they cost little more than the forward itself: cheap drafts, or a prompt's first forward."""
+    are taken where they cost little more than the forward itself: cheap drafts, or a prompt's first forward.
+    The optimistic reading is tried once the exploration budget saved up covers its extra cost."""
     from card.eval.decoding.proposers import DraftProposer
 
-    def proposer(cost):
+    def proposer(cost, budget=0.0):
         est = Estimates.start([0.02] * 8, "untrained")
+        est.explore_budget = budget
         return DraftProposer(8, ("mask", "ngram"), Lookahead("lossless", 8, True, cost, est.masks), est, cost, True)
 
     text = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
@@ -386,3 +388,7 @@ def test_prompt_lookup_is_planned_at_its_mean_acceptance():
         r = row(pending)
         p.start(r)
         assert bool(p.propose([r]).drafts[0]) == drafted, (pending == text, cost is cheap)
+    p = proposer(costly, budget=10.0)  # more than the exploring forward's extra cost: paid from it
+    r = row([text[-1]])
+    p.start(r)
+    assert p.propose([r]).drafts[0] and p.estimates.explore_budget < 10.0

@@ -61,6 +61,7 @@ HORIZON = 2  # a row within HORIZON full blocks of its end is planned to its end
 REPLAN = 4
 REPLAN_DRIFT = 0.01  # ... and only once some a_j moved by more than this since the tables were made
 PRICED_MAX = 4096  # cost vectors kept per cost model (keyed by batch and prompt width: a long run sees many)
+SHARED_MAX = 256  # plans to the end kept for fresh estimates of the same prior (``shared``)
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -600,7 +601,6 @@ def priced(cost) -> dict:
 
 
 _SHARED: dict = {}
-SHARED_MAX = 256
 
 
 def shared(key, make: Callable[[], object]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from card.eval.decoding.planner import (
+    EXPLORE,
     MARGIN,
     LengthStats,
     NGRAM_PRIOR,
@@ -149,6 +150,7 @@ class Estimates:
     ngram: list[SlotStats]
     prior_source: str = "untrained"
     lengths: LengthStats = field(default_factory=LengthStats)
+    explore_budget: float = 0.0  # seconds of forward time saved up for trying prompt lookup optimistically
 
     @classmethod
     def start(cls, prior: list[float], prior_source: str,
@@ -209,7 +211,7 @@ class DraftProposer:
     def __init__(self, k_max: int, sources: tuple[str, ...], lookahead: Lookahead, estimates: Estimates,
                  cost, auto: bool) -> None:
         self.k_max, self.lookahead, self.cost, self.auto = k_max, lookahead, cost, auto
-        self.mask_stats, self.ngram_stats = estimates.masks, estimates.ngram
+        self.estimates, self.mask_stats, self.ngram_stats = estimates, estimates.masks, estimates.ngram
         self.lengths = estimates.lengths if auto else None
         self.use_masks = "mask" in sources
         self.use_ngram = "ngram" in sources and k_max > 0
@@ -261,6 +263,9 @@ class DraftProposer:
             drafts = [d if d else g for d, (g, _) in zip(mask_d, ngram)]
             sources = ["mask" if d else (f"ngram{n}" if g else None) for d, (g, n) in zip(mask_d, ngram)]
         else:
+            # Up to EXPLORE of the forward time, saved up to one forward over the whole block at most.
+            est, one = self.estimates, self.cost(B, 1)
+            est.explore_budget = min(est.explore_budget + EXPLORE * one, self.cost(B, 1 + self.k_max) - one)
             drafts, sources = self._choose(rows, m, mask_d, ngram)
             if any(s and s != "mask" for s in sources):
                 self._fruitless = 0
@@ -279,8 +284,21 @@ class DraftProposer:
         budget, which rules most d out before the exact gain is computed. Every row is padded to the same
         width anyway, so each row drafts up to d from its better source; rows that get ahead leave sooner.
         """
+        masks = self._curve(self.mask_stats)
+        d, picks = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s, False) for s in self.ngram_stats])
+        # Prompt lookup is planned at its means; the optimistic reading, which tries sources and lengths the
+        # estimates may undersell, is paid for from an exploration budget of ``EXPLORE`` of the forward time.
+        d_try, tried = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s) for s in self.ngram_stats])
+        pending = max(len(r.pending) for r in rows)
+        extra = self.cost(len(rows), pending + d_try + m) - self.cost(len(rows), pending + d + m)
+        if d_try != d and extra <= self.estimates.explore_budget:
+            self.estimates.explore_budget -= max(0.0, extra)
+            d, picks = d_try, tried
+        return [p[0] for p in picks], [p[1] for p in picks]
+
+    def _best_length(self, rows, m, mask_d, ngram, curves):
+        """``_choose``'s search for the estimates ``curves``: (d, each row's ``_pick`` at d)."""
         B = len(rows)
-        curves = [self._curve(self.mask_stats)] + [self._curve(s, optimistic=False) for s in self.ngram_stats]
         pending = max(len(r.pending) for r in rows)
         remaining = [_remaining(r) for r in rows]
         top = max(remaining)
@@ -298,8 +316,7 @@ class DraftProposer:
                                  [_pick(mask_d[b], *ngram[b], d, curves)[2] for b in near])
             if gain / cost > best_rate * (1 + 1e-9):
                 best_d, best_rate = d, gain / cost
-        picks = [_pick(md, g, n, best_d, curves) for md, (g, n) in zip(mask_d, ngram)]
-        return [p[0] for p in picks], [p[1] for p in picks]
+        return best_d, [_pick(md, g, n, best_d, curves) for md, (g, n) in zip(mask_d, ngram)]
 
     def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
         observe_lengths(self.lengths, rows)
