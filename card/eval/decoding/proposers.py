@@ -288,9 +288,11 @@ class DraftProposer:
         d, picks = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s, False) for s in self.ngram_stats])
         # Prompt lookup is planned at its means; the optimistic reading, which tries sources and lengths the
         # estimates may undersell, is paid for from an exploration budget of ``EXPLORE`` of the forward time.
+        B, pending = len(rows), max(len(r.pending) for r in rows)
+        if self.estimates.explore_budget < self.cost(B, pending + d + m + 1) - self.cost(B, pending + d + m):
+            return [p[0] for p in picks], [p[1] for p in picks]  # not even one more draft is affordable
         d_try, tried = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s) for s in self.ngram_stats])
-        pending = max(len(r.pending) for r in rows)
-        extra = self.cost(len(rows), pending + d_try + m) - self.cost(len(rows), pending + d + m)
+        extra = self.cost(B, pending + d_try + m) - self.cost(B, pending + d + m)
         if d_try != d and extra <= self.estimates.explore_budget:
             self.estimates.explore_budget -= max(0.0, extra)
             d, picks = d_try, tried
