@@ -27,8 +27,8 @@ from card.eval.decoding.planner import (
     critical_gain,
     lossless_rate,
     parallel_rate,
+    prior_and_strengths,
     profile_prior,
-    slot_prior,
     survival,
     warn_untrained,
 )
@@ -291,7 +291,7 @@ def test_useless_masks_and_growing_cost_choose_no_lookahead(slope, batch, k):
 def test_measured_cost_with_untrained_prior_plans_ar_and_explores_little(tiny):
     ck = tiny("llama", 0)
     cm = CostModel.for_model(ck.model)
-    prior, source = slot_prior(ck.model.config.card, 8)
+    prior, source, _ = prior_and_strengths(ck.model.config.card, 8)
     assert source == "untrained"
     for mode in ("parallel", "lossless"):
         look = Lookahead(mode, 8, True, cm, SlotStats(prior))
@@ -362,9 +362,9 @@ def test_slot_profile_prior_is_read_tolerantly():
     rates = profile_prior(profile, 4)
     assert len(rates) == 4 and rates[0] == pytest.approx((0.3 * 10 + 0.35 * 30) / 40 / ((0.5 * 10 + 0.7 * 30) / 40))
     assert rates[2] < rates[1] and all(0 <= r <= 1 for r in rates)
-    assert slot_prior({"slot_profile": profile, "adaptation": []}, 4) == (rates, "profile")
-    assert slot_prior({"slot_profile": {"accuracy": "junk"}, "adaptation": [{}]}, 2)[1] == "adapted"
-    assert slot_prior({}, 2) == ([0.02, 0.02], "untrained")
+    assert prior_and_strengths({"slot_profile": profile, "adaptation": []}, 4)[:2] == (rates, "profile")
+    assert prior_and_strengths({"slot_profile": {"accuracy": "junk"}, "adaptation": [{}]}, 2)[1] == "adapted"
+    assert prior_and_strengths({}, 2)[:2] == ([0.02, 0.02], "untrained")
 
 
 # ------------------------------------------------------------------------------------------ prompt lookup

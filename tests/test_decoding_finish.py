@@ -31,9 +31,9 @@ from card.eval.decoding.planner import (
     finish_costs,
     finish_tables,
     forwards_to_finish,
+    prior_and_strengths,
     profile_prior,
     run_key,
-    slot_prior,
 )
 from card.eval.decoding.proposers import Estimates, MaskProposer, Outcome, observed_slots
 
@@ -324,7 +324,7 @@ def test_the_prior_reads_the_acceptance_runs_of_the_mode():
     assert profile_prior(profile, 3, run="greedy") == pytest.approx([0.2, 0.2, 0.25])
     assert profile_prior(profile, 3, run="conf>=0.9") == pytest.approx([0.02, 0.0, 0.0])
     assert profile_prior(profile, 3)[2] == pytest.approx(0.95)  # the accuracies' ratio
-    assert slot_prior({"slot_profile": profile}, 3, run="conf>=0.7") == (pytest.approx([0.1, 0.2, 0.0]), "profile")
+    assert prior_and_strengths({"slot_profile": profile}, 3, run="conf>=0.7")[:2] == (pytest.approx([0.1, 0.2, 0.0]), "profile")
 
 
 @settings(max_examples=60, deadline=None)

@@ -29,9 +29,7 @@ from card.eval.decoding.planner import (
     accepted_curve,
     lossless_finish_cost,
     lossless_finish_values,
-    prior_strengths,
-    profile_measured,
-    slot_prior,
+    prior_and_strengths,
     survival,
 )
 
@@ -173,12 +171,11 @@ def test_extrapolated_slots_carry_a_weaker_prior():
     profile = {"bucket_edges": [0], "slots": 5, "accuracy": [[0.9], [0.6], [0.4], [0.5], [0.4]],
                "count": [[200], [150], [100], [3], [1]]}  # slots 4 and 5 measured too rarely to believe
     card = {"slot_profile": profile, "adaptation": [{}]}
-    prior, source = slot_prior(card, 4)
-    assert source == "profile" and profile_measured(profile, 4) == 2
-    strengths = prior_strengths(card, 4)
+    prior, source, strengths = prior_and_strengths(card, 4)
+    assert source == "profile" and strengths.count(PRIOR_STRENGTH) == 2  # two slots measured
     assert strengths == [PRIOR_STRENGTH, PRIOR_STRENGTH, EXTRAPOLATED_STRENGTH, EXTRAPOLATED_STRENGTH]
     loose, firm = SlotStats(prior, strength=strengths).rates(), SlotStats(prior).rates()
     assert loose[:2] == pytest.approx(firm[:2]) and all(a > b for a, b in zip(loose[2:], firm[2:]))
     # defaults that are not measurements keep the usual weight
-    assert prior_strengths({"adaptation": [{}]}, 3) == [PRIOR_STRENGTH] * 3
-    assert prior_strengths({}, 3) == [PRIOR_STRENGTH] * 3
+    assert prior_and_strengths({"adaptation": [{}]}, 3)[2] == [PRIOR_STRENGTH] * 3
+    assert prior_and_strengths({}, 3)[2] == [PRIOR_STRENGTH] * 3

@@ -24,7 +24,7 @@ m = 0 is plain AR, r(0) = 1 / c(B, 1), so the chosen m = argmax r(m) is never pr
 lookahead must promise ``MARGIN`` (10%) more than AR, since c(B, q) times the model only and a lookahead
 forward costs the loop some Python time besides (drafts, verification, cache bookkeeping).
 
-Estimates start from a prior the checkpoint carries (``slot_prior``) and follow the observed acceptances
+Estimates start from a prior the checkpoint carries (``prior_and_strengths``) and follow the observed acceptances
 (``SlotStats``: Beta-style pseudo-counts, exponentially forgotten so that they track the text). A slot that
 is never tried cannot be learnt, so ``Lookahead`` spends at most ``EXPLORE`` of the measured forward time
 on trying the whole block where the estimates ask for fewer: a good model whose prior said "untrained" is
@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind the prior
-EXTRAPOLATED_STRENGTH = 1.0  # ... behind a slot the profile did not measure (``prior_strengths``)
+EXTRAPOLATED_STRENGTH = 1.0  # ... behind a slot the profile did not measure (``prior_and_strengths``)
 OPTIMISM = 1.0  # plans read an untried a_j this many prior standard deviations high (``SlotStats.rates``)
 DECAY = 0.98  # per observation: about the last 50 observations count
 EXPLORE = 0.02  # at most this share of the forward time is spent exploring a deeper slot
@@ -489,12 +489,6 @@ def _profile_means(profile: dict, prefix: int | None, run: str | None = None) ->
     return means
 
 
-def profile_measured(profile: dict | None, k: int, prefix: int | None = None, run: str | None = None) -> int:
-    """How many of ``profile_prior``'s a_1..a_k come from measured slots (the rest are extrapolated)."""
-    means = _profile_means(profile, prefix, run) if isinstance(profile, dict) else None
-    return _measured(means, k)
-
-
 def _measured(means: list[float] | None, k: int) -> int:
     return 0 if means is None or len(means) < 2 else min(k, len(means) - 1)
 
@@ -532,27 +526,17 @@ def _bucket(edges, prefix: int | None) -> int | None:
         return None
 
 
-def slot_prior(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None
-               ) -> tuple[list[float], str]:
-    """The prior a_1..a_k for mask slots and where it came from (``profile``, ``adapted`` or ``untrained``).
-
-    ``prefix``: the typical prompt length, which picks the slot profile's prefix-length bucket; ``run``: the
-    profile's runs table to read (``run_key``; None: its accuracies).
-    """
-    prior, source, _ = prior_and_strengths(card_config, k, prefix, run)
-    return prior, source
-
-
-def prior_strengths(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None) -> list[float]:
-    """Pseudo-observations behind each a_j of ``slot_prior``: ``PRIOR_STRENGTH`` where the slot profile measured
-    the slot, ``EXTRAPOLATED_STRENGTH`` where its a_j is extrapolated: a guess the plans should read loosely
-    (with optimism, high), or a block larger than the bucket's measurements is never tried."""
-    return prior_and_strengths(card_config, k, prefix, run)[2]
-
-
 def prior_and_strengths(card_config: dict | None, k: int, prefix: int | None = None, run: str | None = None
                         ) -> tuple[list[float], str, list[float]]:
-    """``slot_prior`` and ``prior_strengths`` together, reading the profile once."""
+    """The prior a_1..a_k for mask slots, where it came from (``profile``, ``adapted`` or ``untrained``) and
+    the pseudo-observations behind each a_j.
+
+    ``prefix``: the typical prompt length, which picks the slot profile's prefix-length bucket; ``run``: the
+    profile's runs table to read (``run_key``; None: its accuracies). The strengths are ``PRIOR_STRENGTH``
+    where the profile measured the slot and ``EXTRAPOLATED_STRENGTH`` where its a_j is extrapolated: a guess
+    the plans should read loosely (with optimism, high), or a block larger than the bucket's measurements is
+    never tried.
+    """
     raw = card_config if isinstance(card_config, dict) else {}
     profile = raw.get("slot_profile")
     means = _profile_means(profile, prefix, run) if isinstance(profile, dict) else None
