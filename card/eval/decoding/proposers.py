@@ -288,14 +288,13 @@ class DraftProposer:
         d, picks = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s, False) for s in self.ngram_stats])
         # Prompt lookup is planned at its means; the optimistic reading, which tries sources and lengths the
         # estimates may undersell, is paid for from an exploration budget of ``EXPLORE`` of the forward time.
-        B, pending = len(rows), max(len(r.pending) for r in rows)
-        if self.estimates.explore_budget < self.cost(B, pending + d + m + 1) - self.cost(B, pending + d + m):
-            return [p[0] for p in picks], [p[1] for p in picks]  # not even one more draft is affordable
-        d_try, tried = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s) for s in self.ngram_stats])
-        extra = self.cost(B, pending + d_try + m) - self.cost(B, pending + d + m)
-        if d_try != d and extra <= self.estimates.explore_budget:
-            self.estimates.explore_budget -= max(0.0, extra)
-            d, picks = d_try, tried
+        B, pending, budget = len(rows), max(len(r.pending) for r in rows), self.estimates.explore_budget
+        if budget >= self.cost(B, pending + d + m + 1) - self.cost(B, pending + d + m):  # one more draft affordable
+            d_try, tried = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s) for s in self.ngram_stats])
+            extra = self.cost(B, pending + d_try + m) - self.cost(B, pending + d + m)
+            if d_try != d and extra <= budget:
+                self.estimates.explore_budget -= max(0.0, extra)
+                picks = tried
         return [p[0] for p in picks], [p[1] for p in picks]
 
     def _best_length(self, rows, m, mask_d, ngram, curves):
