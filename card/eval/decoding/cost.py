@@ -14,7 +14,10 @@ which over-prices lookahead slightly: the conservative side), a cache over a ran
 round, then the minimum over rounds until ``BUDGET_S`` is spent: at least 5, at most 25), each with the
 2D attention mask the batched decoder passes and followed by the softmax the decoders take, and the cache is
 cropped back. Between grid points c is interpolated
-linearly in q, and it is made non-decreasing (noise must not make a longer forward look cheaper).
+linearly in q, and it is made non-decreasing (noise must not make a longer forward look cheaper). Past the
+grid (a prompt's forward) it grows with the slope of the measured last segment: where small-M matrix
+products are slow paths the made-up non-decreasing table is flat there, and would price a wide forward's
+extra tokens at nothing.
 
 Tables are cached in memory and on disk under ``$CARD_CACHE_DIR/cost`` (default ``~/.cache/card/cost``),
 one JSON file per (weights fingerprint, device, dtype, threads, torch version).
@@ -45,7 +48,9 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 25
 # rounds is the estimate: on a busy machine a forward is often preempted, and with only 2 rounds one busy
 # stretch inflated the one-token cost so much that the table came out flat (break-even 1.0: lookahead free).
 BUDGET_S = 0.5
-FORMAT = 3  # 3: at least 5 rounds (tables measured with 2 are not reused)
+# 3: at least 5 rounds (tables measured with 2 are not reused). Files store the tables as measured; older ones
+# stored them made non-decreasing, which reads the same except for the slope past the grid.
+FORMAT = 3
 
 _MEMORY: dict[str | tuple, "CostModel"] = {}  # by the key's digest, and by the fields it is made from
 
@@ -121,16 +126,27 @@ def grid_batch(batch: int) -> int:
     return next((b for b in BATCH_GRID if b >= batch), BATCH_GRID[-1])
 
 
-def interpolate(table: dict[int, float], q: float) -> float:
-    """c at ``q`` from measured points {q_i: c_i}: linear between them, linear extrapolation past the last."""
+def interpolate(table: dict[int, float], q: float, slope: float | None = None) -> float:
+    """c at ``q`` from points {q_i: c_i}: linear between them; past the last, c(q_n) + slope (q - q_n), by
+    default with the last segment's slope."""
     qs = sorted(table)
     if q <= qs[0]:
         return table[qs[0]]
     for lo, hi in zip(qs, qs[1:]):
         if q <= hi:
             return table[lo] + (table[hi] - table[lo]) * (q - lo) / (hi - lo)
+    if slope is None:
+        slope = tail_slope(table)
+    return table[qs[-1]] + slope * (q - qs[-1])
+
+
+def tail_slope(table: dict[int, float]) -> float:
+    """(c_n - c_{n-1}) / (q_n - q_{n-1}) of the last two points, at least 0: seconds per extra query token."""
+    qs = sorted(table)
+    if len(qs) < 2:
+        return 0.0
     lo, hi = qs[-2], qs[-1]
-    return table[hi] + (table[hi] - table[lo]) * (q - hi) / (hi - lo)
+    return max(0.0, (table[hi] - table[lo]) / (hi - lo))
 
 
 def monotone(table: dict[int, float]) -> dict[int, float]:
@@ -147,9 +163,10 @@ class CostModel:
     """c(B, q) for one model on its device (see the module docstring); measured lazily per batch grid point."""
 
     def __init__(self, key: dict, measure: Callable[[int], dict[int, float]] | None,
-                 tables: dict[int, dict[int, float]] | None = None, path: Path | None = None) -> None:
+                 measured: dict[int, dict[int, float]] | None = None, path: Path | None = None) -> None:
         self.key = key
-        self.tables: dict[int, dict[int, float]] = dict(tables or {})
+        self.measured: dict[int, dict[int, float]] = dict(measured or {})  # per batch grid point, as timed
+        self.tables = {b: monotone(t) for b, t in self.measured.items()}  # made non-decreasing
         self._measure = measure
         self.path = path
         self.measured_seconds = 0.0  # time spent measuring in this process
@@ -190,8 +207,8 @@ class CostModel:
             if self._measure is None:
                 raise KeyError(b)
             t0 = time.perf_counter()
-            raw = self._measure(b)
-            self.tables[b] = monotone(raw)
+            self.measured[b] = self._measure(b)
+            self.tables[b] = monotone(self.measured[b])
             self.measured_seconds += time.perf_counter() - t0
             self._save()
         return self.tables[b]
@@ -200,13 +217,13 @@ class CostModel:
         """c(B, q) in seconds, q may be fractional (an expected query length)."""
         dense = self._dense.get(batch)  # keyed by the batch itself: the planner asks at every forward
         if dense is None:
-            table = self.table(batch)
-            dense = [0.0] + [interpolate(table, q) for q in range(1, 2 * max(QUERY_GRID) + 2)]
+            table, slope = self.table(batch), tail_slope(self.measured[grid_batch(batch)])
+            dense = [0.0] + [interpolate(table, q, slope) for q in range(1, 2 * max(QUERY_GRID) + 2)]
             self._dense[batch] = dense
         if q < len(dense) - 1:
             lo = int(q)
             return dense[lo] + (dense[lo + 1] - dense[lo]) * (q - lo) if lo >= 1 else dense[1]
-        return interpolate(self.table(batch), q)
+        return interpolate(self.table(batch), q, tail_slope(self.measured[grid_batch(batch)]))
 
     def break_even(self, batch: int, k: int) -> float:
         """Tokens a forward with k extra query tokens must commit to match AR: c(B, 1 + k) / c(B, 1)."""
@@ -225,7 +242,7 @@ class CostModel:
         from card.io import atomic_write_text
 
         try:
-            tables = {**(_read(self.path, self.key) or {}), **self.tables}  # keep what another process added
+            tables = {**(_read(self.path, self.key) or {}), **self.measured}  # keep what another process added
             data = {"key": self.key, "tables": {str(b): {str(q): c for q, c in t.items()} for b, t in tables.items()}}
             atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
         except OSError:  # a read-only cache folder only costs a re-measurement next time

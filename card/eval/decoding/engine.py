@@ -99,6 +99,8 @@ class Row:
     masks: int = 0  # masks appended over this row's forwards
     drafted: int = 0  # drafts offered
     drafts_accepted: int = 0
+    # per draft source ("mask", "ngram1".."ngram3", "prompt-end"): [forwards, offered, accepted, rejected]
+    sources: dict[str, list[int]] = field(default_factory=dict)
     finish_reason: str | None = None
     seconds: float = 0.0
 
@@ -250,7 +252,7 @@ def run_batch(model, tokenizer, rows: list[Row], proposer, acceptor, mask_id: in
         outcomes = acceptor.accept(logits, active, proposal)
 
         drops, committed = [], []  # per row: trailing slots of this forward that must not stay cached
-        for r, d, o in zip(active, proposal.drafts, outcomes):
+        for r, d, o, src in zip(active, proposal.drafts, outcomes, proposal.sources or [None] * len(active)):
             new = finish_step(r, o.tokens, eos_ids, decode_text)
             r.position += len(r.pending) + o.cached  # pending and the accepted drafts are now cached
             drops.append(len(d) - o.cached + m)
@@ -258,6 +260,12 @@ def run_batch(model, tokenizer, rows: list[Row], proposer, acceptor, mask_id: in
             r.masks += m
             r.drafted += len(d)
             r.drafts_accepted += o.cached
+            if src is not None and d:
+                tally = r.sources.setdefault(src, [0, 0, 0, 0])
+                tally[0] += 1
+                tally[1] += len(d)
+                tally[2] += o.cached
+                tally[3] += o.cached < len(d) and r.finish_reason is None  # an ended answer censors, not rejects
             r.tokens.extend(new)
             r.steps.append(new)
             r.forwards += 1

@@ -50,7 +50,14 @@ EXPLORE = 0.02  # at most this share of the forward time is spent exploring a de
 EXPLORE_PATIENCE = 8.0  # failures of the explored slot that halve the exploration share
 ADAPTED_PRIOR = 0.6  # an adapted checkpoint without a measured slot profile
 UNTRAINED_PRIOR = 0.02  # a converted, never adapted checkpoint: its masks predict almost nothing
-NGRAM_PRIOR = 0.5
+# Prompt lookup's prior a_j (a draft slot accepted given the ones before) for 1-, 2- and 3-gram matches, and
+# for a lookup on a prompt's first forward, whose n-gram is the prompt's end: a template boundary ("Answer:",
+# "assistant\n") whose earlier matches are followed by another part of the template. The medians over five
+# texts and three models of fixed 8-token lookups (``benchmarks.lookup_prior``: 0.44, 0.69, 0.86; none of
+# 16 prompt-end lookups was accepted, and 0.1 leaves that estimate room to learn).
+LOOKUP_PRIOR = (0.45, 0.7, 0.85)
+PROMPT_END_PRIOR = 0.1
+LOOKUP_PRIOR_STRENGTH = 2.0
 PROFILE_MIN_COUNT = 20  # slot measurements below which the profile's accuracy is too noisy to start from
 MARGIN = 1.1  # lookahead must promise 10% over AR: c(B, q) leaves out the loop's own Python cost per forward
 LENGTH_PRIOR = 1.0  # pseudo-answers that run to their budget (``LengthStats``)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from card.eval.decoding.planner import (
     EXPLORE,
     MARGIN,
+    LOOKUP_PRIOR,
+    LOOKUP_PRIOR_STRENGTH,
     LengthStats,
-    NGRAM_PRIOR,
     PRIOR_STRENGTH,
+    PROMPT_END_PRIOR,
     Lookahead,
     SlotStats,
     UNBOUNDED,
@@ -25,6 +27,7 @@ from card.eval.decoding.planner import (
 )
 
 NGRAM_MAX = 3  # prompt lookup matches the text's last 3, 2 or 1 tokens (longest first)
+PROMPT_END = NGRAM_MAX + 1  # the "order" of a lookup on a prompt's first forward, learnt on its own
 # In a batch, after n draft choices in a row that found no prompt-lookup draft worth its cost, the next
 # min(2^n - 1, LOOKUP_BACKOFF_MAX) forwards skip the lookups and the choice: on text where they never pay,
 # their Python work per row would make lossless slower than AR.
@@ -124,8 +127,9 @@ def observe_lengths(lengths: LengthStats | None, rows) -> None:
 def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int], str | None, list[float], float]:
     """One lossless row at common draft length d: (drafts, source, S(j) of those drafts, expected accepted).
 
-    ``md``: the row's mask drafts, ``g``: its prompt-lookup drafts from an n-gram match; ``curves``:
-    (A, S) of the mask slots, then of the 1-, 2- and 3-gram lookups. The source expecting more wins.
+    ``md``: the row's mask drafts, ``g``: its prompt-lookup drafts from an n-gram match (n = ``PROMPT_END``
+    on a prompt's first forward); ``curves``: (A, S) of the mask slots, then of the 1-, 2- and 3-gram lookups
+    and of the prompt-end ones. The source expecting more wins.
     """
     (ma, ms) = curves[0]
     e_mask = ma[min(d, len(md))] if md else 0.0
@@ -133,13 +137,20 @@ def _pick(md: list[int], g: list[int], n: int, d: int, curves) -> tuple[list[int
         na, ns = curves[n]
         k = min(d, len(g))
         if na[k] > e_mask or not md:
-            return g[:k], f"ngram{n}", ns[:k + 1], na[k]
+            return g[:k], lookup_source(n), ns[:k + 1], na[k]
     return md, ("mask" if md else None), ms[:len(md) + 1], e_mask
+
+
+def lookup_source(n: int) -> str:
+    """The source name of a prompt-lookup draft from an n-gram match (``PROMPT_END``: a prompt's first forward)."""
+    return "prompt-end" if n == PROMPT_END else f"ngram{n}"
 
 
 @dataclass
 class Estimates:
-    """Running acceptance estimates: of the mask slots, and of 1-, 2- and 3-gram prompt-lookup drafts.
+    """Running acceptance estimates: of the mask slots, of 1-, 2- and 3-gram prompt-lookup drafts, and of
+    lookups on a prompt's first forward (``prompt_end``: the prompt's last tokens are a template boundary,
+    whose drafts fare differently from those in the text; on GSM8K none of 16 was accepted).
 
     One object serves every batch of a decode call, and a caller may pass it on to later calls over the same
     kind of text (the lm-eval model keeps one per task): short answers give each batch only a few forwards,
@@ -148,6 +159,7 @@ class Estimates:
 
     masks: SlotStats
     ngram: list[SlotStats]
+    prompt_end: SlotStats
     prior_source: str = "untrained"
     lengths: LengthStats = field(default_factory=LengthStats)
     explore_budget: float = 0.0  # seconds of forward time saved up for trying prompt lookup optimistically
@@ -157,7 +169,17 @@ class Estimates:
               strengths: float | list[float] = PRIOR_STRENGTH) -> "Estimates":
         k = len(prior)
         return cls(SlotStats(prior, strength=strengths),
-                   [SlotStats([NGRAM_PRIOR] * k, strength=2.0) for _ in range(NGRAM_MAX)], prior_source)
+                   [SlotStats([a] * k, strength=LOOKUP_PRIOR_STRENGTH) for a in LOOKUP_PRIOR],
+                   SlotStats([PROMPT_END_PRIOR] * k, strength=LOOKUP_PRIOR_STRENGTH), prior_source)
+
+    def lookups(self) -> list[SlotStats]:
+        """The prompt-lookup estimates by n-gram order 1..``PROMPT_END`` (``Estimates.lookups()[n - 1]``)."""
+        return [*self.ngram, self.prompt_end]
+
+
+def _at_prompt_end(row, match: tuple[list[int], int]) -> tuple[list[int], int]:
+    """A lookup ``(drafts, n)``, its order set to ``PROMPT_END`` on the row's first forward."""
+    return (match[0], PROMPT_END) if row.forwards == 0 and match[0] else match
 
 
 class MaskProposer:
@@ -211,7 +233,9 @@ class DraftProposer:
     def __init__(self, k_max: int, sources: tuple[str, ...], lookahead: Lookahead, estimates: Estimates,
                  cost, auto: bool) -> None:
         self.k_max, self.lookahead, self.cost, self.auto = k_max, lookahead, cost, auto
-        self.estimates, self.mask_stats, self.ngram_stats = estimates, estimates.masks, estimates.ngram
+        self.estimates, self.mask_stats, self.lookup_stats = estimates, estimates.masks, estimates.lookups()
+        self.stats_by_source = {"mask": self.mask_stats,
+                                **{lookup_source(n): s for n, s in enumerate(self.lookup_stats, start=1)}}
         self.lengths = estimates.lengths if auto else None
         self.use_masks = "mask" in sources
         self.use_ngram = "ngram" in sources and k_max > 0
@@ -227,11 +251,11 @@ class DraftProposer:
         """(A(j), S(j)) for j = 0..K from the current estimates (read optimistically, ``SlotStats.rates``, or
         at their means).
 
-        Prompt-lookup estimates are read at their means: their prior is a generic guess, not a measurement
-        the plans might undersell, and read optimistically it kept 8-token lookups of SmolLM2 on GSM8K in
-        play through several failures each for the 1-, 2- and 3-gram matches (every such forward costs 2x
-        an AR step on this CPU; lossless ran at 0.91x AR on three short answers). They are still learnt: a
-        prompt's first forward, wide anyway, carries lookups at almost no cost.
+        Prompt-lookup estimates are read at their means: their prior is measured over several models and
+        texts, not a slot profile the plans might undersell, and read optimistically it kept 8-token lookups
+        of SmolLM2 on GSM8K in play through several failures each for the 1-, 2- and 3-gram matches (every
+        such forward costs 2x an AR step on this CPU; lossless ran at 0.91x AR on three short answers). Their
+        optimistic reading is tried only from an exploration budget (``_choose``).
         """
         def make():
             curve = accepted_curve(stats.rates() if optimistic else stats.means())
@@ -252,7 +276,7 @@ class DraftProposer:
                 m = self.lookahead.masks(B, width, _batch_remaining(self.lengths, rows), len(slowest.drafts))
         ngram: list[tuple[list[int], int]] = []
         if self.use_ngram and self._skip == 0:
-            ngram = [r.ngram.lookup(min(self.k_max, _remaining(r) - 1)) for r in rows]
+            ngram = [_at_prompt_end(r, r.ngram.lookup(min(self.k_max, _remaining(r) - 1))) for r in rows]
         elif self.use_ngram:
             self._skip -= 1
         if m == 0 and not ngram and not any(mask_d):  # an AR step: no per-row work
@@ -261,7 +285,7 @@ class DraftProposer:
             drafts, sources = mask_d, ["mask" if d else None for d in mask_d]
         elif not self.auto:
             drafts = [d if d else g for d, (g, _) in zip(mask_d, ngram)]
-            sources = ["mask" if d else (f"ngram{n}" if g else None) for d, (g, n) in zip(mask_d, ngram)]
+            sources = ["mask" if d else (lookup_source(n) if g else None) for d, (g, n) in zip(mask_d, ngram)]
         else:
             # Up to EXPLORE of the forward time, saved up to one forward over the whole block at most.
             est, one = self.estimates, self.cost(B, 1)
@@ -285,12 +309,12 @@ class DraftProposer:
         width anyway, so each row drafts up to d from its better source; rows that get ahead leave sooner.
         """
         masks = self._curve(self.mask_stats)
-        d, picks = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s, False) for s in self.ngram_stats])
+        d, picks = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s, False) for s in self.lookup_stats])
         # Prompt lookup is planned at its means; the optimistic reading, which tries sources and lengths the
         # estimates may undersell, is paid for from an exploration budget of ``EXPLORE`` of the forward time.
         B, pending, budget = len(rows), max(len(r.pending) for r in rows), self.estimates.explore_budget
         if budget >= self.cost(B, pending + d + m + 1) - self.cost(B, pending + d + m):  # one more draft affordable
-            d_try, tried = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s) for s in self.ngram_stats])
+            d_try, tried = self._best_length(rows, m, mask_d, ngram, [masks] + [self._curve(s) for s in self.lookup_stats])
             extra = self.cost(B, pending + d_try + m) - self.cost(B, pending + d + m)
             if d_try != d and extra <= budget:
                 self.estimates.explore_budget -= max(0.0, extra)
@@ -322,10 +346,8 @@ class DraftProposer:
     def observe(self, rows, proposal: Proposal, outcomes: list[Outcome], committed: list[list[int]]) -> None:
         observe_lengths(self.lengths, rows)
         for r, src, o, new in zip(rows, proposal.sources, outcomes, committed):
-            if src == "mask":
-                self.mask_stats.observe(*observed_slots(r, o, new, 0))
-            elif src is not None:
-                self.ngram_stats[int(src[5:]) - 1].observe(*observed_slots(r, o, new, 0))
+            if src is not None:
+                self.stats_by_source[src].observe(*observed_slots(r, o, new, 0))
             if r.ngram is not None:
                 r.ngram.extend(new)
             # Later mask guesses assumed every draft; after a rejection they are conditioned on a wrong token.
@@ -334,7 +356,7 @@ class DraftProposer:
             else:
                 r.drafts = []
         self.mask_stats.forget()
-        for s in self.ngram_stats:
+        for s in self.lookup_stats:
             s.forget()
 
 
