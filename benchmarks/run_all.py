@@ -2,9 +2,9 @@
 
     python -m benchmarks.run_all [--demo runs/demo] [--real] [--sweep]
 
-Runs convert, train_step, loglikelihood, decode and parity (the unadapted stories260K) and scaling. With a finished
-``card demo`` run folder (default ``runs/demo``, made by ``make demo``) it also benchmarks decoding on the
-demo's adapted model and uses it for the block-size sweep. ``--real`` adds the real run
+Runs convert, train_step, loglikelihood, decode, parity and lookup_prior (the unadapted stories260K) and
+scaling. With a finished ``card demo`` run folder (default ``runs/demo``, made by ``make demo``) it also
+benchmarks decoding on the demo's adapted model and uses it for the block-size sweep. ``--real`` adds the real run
 (``benchmarks.real_run``: stories260K adapted and evaluated; about an hour on 2 CPU cores); ``--sweep`` the
 recipe sweep before it (``benchmarks.recipe_sweep``: seven adaptations of stories260K; about 40 minutes).
 """
@@ -16,7 +16,17 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks import convert, decode, loglikelihood, parity, real_run, recipe_sweep, scaling, train_step
+from benchmarks import (
+    convert,
+    decode,
+    loglikelihood,
+    lookup_prior,
+    parity,
+    real_run,
+    recipe_sweep,
+    scaling,
+    train_step,
+)
 
 
 def demo_prompts(demo: Path, per_task: int, dst: Path) -> Path:
@@ -41,6 +51,7 @@ def main(argv=None) -> None:
     loglikelihood.main(out)
     decode.main(["--threads", "1", *out])
     parity.main(["--threads", "1", *out])
+    lookup_prior.main(out)
     demo = Path(args.demo)
     demo_model = demo / "card" / "final"
     with tempfile.TemporaryDirectory() as tmp:
