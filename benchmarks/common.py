@@ -70,6 +70,11 @@ def story_prompts(n: int, sentences: int = 1, min_chars: int = 20) -> list[str]:
     raise ValueError(f"only {len(prompts)} prompts found in {STORIES_FILE}")
 
 
+def stop_strings(values) -> tuple[str, ...]:
+    """Stop strings as typed on a command line, escapes read: ``--stop '\\n'`` is a newline."""
+    return tuple(v.encode().decode("unicode_escape") for v in values)
+
+
 @contextmanager
 def gc_paused():
     """A garbage collection now and none inside, as timeit does: one timed run's garbage is not collected

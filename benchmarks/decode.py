@@ -35,6 +35,7 @@ from benchmarks.common import (
     environment,
     gc_paused,
     markdown_table,
+    stop_strings,
     story_prompts,
     write_results,
 )
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="decode", help="output file stem")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    stop = tuple(x.encode().decode("unicode_escape") for x in args.stop)  # allow --stop '\n'
+    stop = stop_strings(args.stop)  # allow --stop '\n'
     data, md = run(args.model, args.max_new_tokens, args.prompts, args.repeats, args.block_size, args.threads,
                    args.prompt_file, stop, fixed=not args.auto_only,
                    batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))

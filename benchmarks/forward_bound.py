@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, gc_paused, markdown_table, write_results
+from benchmarks.common import environment, gc_paused, markdown_table, stop_strings, write_results
 from benchmarks.decode import file_prompts
 
 
@@ -137,7 +137,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    stop = [s.encode().decode("unicode_escape") for s in a.stop]
+    stop = list(stop_strings(a.stop))
     doc = run(a.ckpt, a.prompt_file, [m.strip() for m in a.modes.split(",") if m.strip()], a.batch_size,
               a.max_new_tokens, stop, a.repeats, a.lm_eval_order)
     s = doc["settings"]

@@ -24,7 +24,14 @@ import tempfile
 
 import torch
 
-from benchmarks.common import converted_stories260k, environment, markdown_table, story_prompts, write_results
+from benchmarks.common import (
+    converted_stories260k,
+    environment,
+    markdown_table,
+    stop_strings,
+    story_prompts,
+    write_results,
+)
 from benchmarks.decode import file_prompts
 from card.checkpoint import load_checkpoint
 from card.eval.decoding import DecodingSpec, decode_spec
@@ -63,7 +70,7 @@ def run(cases: list[list[str]], block_size: int, threads: int | None) -> tuple[d
         for case in cases or [["stories260K converted, TinyStories", "", "tinystories", "8", "96"]]:
             label, model, source, n, tokens, *stop = case
             prompts = story_prompts(int(n)) if source == "tinystories" else file_prompts(source, int(n))
-            stop = tuple(s.encode().decode("unicode_escape") for s in stop)  # allow '\n'
+            stop = stop_strings(stop)  # allow '\n'
             totals = measure(model or str(converted_stories260k(tmp)), prompts, int(tokens), stop, block_size)
             for name in SOURCES:
                 c = totals.get(name)

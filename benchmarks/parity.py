@@ -33,6 +33,7 @@ from benchmarks.common import (
     environment,
     gc_paused,
     markdown_table,
+    stop_strings,
     story_prompts,
     write_results,
 )
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="parity", help="output file stem")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    stop = tuple(x.encode().decode("unicode_escape") for x in args.stop)  # allow --stop '\n'
+    stop = stop_strings(args.stop)  # allow --stop '\n'
     data, md = run(args.model, [m for m in args.modes.split(",") if m], tuple(int(b) for b in args.batch_sizes.split(",")),
                    args.rounds, args.max_new_tokens, args.prompts, args.prompt_file, stop, args.threads)
     write_results(args.out, args.name, data, md)

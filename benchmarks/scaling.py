@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 
-from benchmarks.common import converted_stories260k, environment, markdown_table, story_prompts, write_results
+from benchmarks.common import (
+    converted_stories260k,
+    environment,
+    markdown_table,
+    stop_strings,
+    story_prompts,
+    write_results,
+)
 from benchmarks.decode import file_prompts
 from benchmarks.train_step import OBJECTIVES, measure_steps
 from card.checkpoint import load_checkpoint
@@ -101,7 +108,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    stop = tuple(x.encode().decode("unicode_escape") for x in args.stop)
+    stop = stop_strings(args.stop)
     with tempfile.TemporaryDirectory() as tmp:
         stories = converted_stories260k(tmp)
         train = train_scaling(stories, args.steps)
