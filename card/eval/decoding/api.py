@@ -101,8 +101,7 @@ def decode_spec(
                           "eos_token_ids": list(eos)},
                 steps=r.steps,
                 lookahead={**look, "masks": r.masks, "drafts": r.drafted, "drafts_accepted": r.drafts_accepted,
-                           "draft_sources": {k: dict(zip(("forwards", "offered", "accepted", "rejected"), v))
-                                             for k, v in r.sources.items()},
+                           "draft_sources": r.sources,
                            "masks_per_forward": r.masks / r.forwards if r.forwards else 0.0},
             ))
     return results

@@ -170,7 +170,7 @@ class CostModel:
         self._measure = measure
         self.path = path
         self.measured_seconds = 0.0  # time spent measuring in this process
-        self._dense: dict[int, list[float]] = {}
+        self._dense: dict[int, tuple[list[float], float]] = {}  # per batch: c at q = 0, 1, ..., and the slope past them
 
     @classmethod
     def for_model(cls, model: tf.PreTrainedModel) -> "CostModel":
@@ -215,15 +215,16 @@ class CostModel:
 
     def __call__(self, batch: int, q: float) -> float:
         """c(B, q) in seconds, q may be fractional (an expected query length)."""
-        dense = self._dense.get(batch)  # keyed by the batch itself: the planner asks at every forward
-        if dense is None:
+        hit = self._dense.get(batch)  # keyed by the batch itself: the planner asks at every forward
+        if hit is None:
             table, slope = self.table(batch), tail_slope(self.measured[grid_batch(batch)])
-            dense = [0.0] + [interpolate(table, q, slope) for q in range(1, 2 * max(QUERY_GRID) + 2)]
-            self._dense[batch] = dense
+            hit = self._dense[batch] = (
+                [0.0] + [interpolate(table, q, slope) for q in range(1, 2 * max(QUERY_GRID) + 2)], slope)
+        dense, slope = hit
         if q < len(dense) - 1:
             lo = int(q)
             return dense[lo] + (dense[lo + 1] - dense[lo]) * (q - lo) if lo >= 1 else dense[1]
-        return interpolate(self.table(batch), q, tail_slope(self.measured[grid_batch(batch)]))
+        return interpolate(self.table(batch), q, slope)
 
     def break_even(self, batch: int, k: int) -> float:
         """Tokens a forward with k extra query tokens must commit to match AR: c(B, 1 + k) / c(B, 1)."""

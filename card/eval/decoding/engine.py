@@ -99,8 +99,8 @@ class Row:
     masks: int = 0  # masks appended over this row's forwards
     drafted: int = 0  # drafts offered
     drafts_accepted: int = 0
-    # per draft source ("mask", "ngram1".."ngram3", "prompt-end"): [forwards, offered, accepted, rejected]
-    sources: dict[str, list[int]] = field(default_factory=dict)
+    # per draft source ("mask", "ngram1".."ngram3", "prompt-end"): forwards, offered, accepted, rejected
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
     finish_reason: str | None = None
     seconds: float = 0.0
 
@@ -261,11 +261,11 @@ def run_batch(model, tokenizer, rows: list[Row], proposer, acceptor, mask_id: in
             r.drafted += len(d)
             r.drafts_accepted += o.cached
             if src is not None and d:
-                tally = r.sources.setdefault(src, [0, 0, 0, 0])
-                tally[0] += 1
-                tally[1] += len(d)
-                tally[2] += o.cached
-                tally[3] += o.cached < len(d) and r.finish_reason is None  # an ended answer censors, not rejects
+                tally = r.sources.setdefault(src, {"forwards": 0, "offered": 0, "accepted": 0, "rejected": 0})
+                tally["forwards"] += 1
+                tally["offered"] += len(d)
+                tally["accepted"] += o.cached
+                tally["rejected"] += o.cached < len(d) and r.finish_reason is None  # an ended answer censors
             r.tokens.extend(new)
             r.steps.append(new)
             r.forwards += 1
