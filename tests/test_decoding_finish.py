@@ -427,3 +427,30 @@ def test_draft_sources_are_counted_per_result(stories):
         assert sum(s["accepted"] for s in sources.values()) == r.lookahead["drafts_accepted"]
         assert all(s["rejected"] <= s["forwards"] and s["accepted"] <= s["offered"] for s in sources.values())
     assert sources
+
+
+def test_a_stalled_batch_drafts_nothing_without_looking_up_the_other_rows():
+    """A row holding the batch's largest budget with no lookup commits one token whatever the others draft, so
+    no draft can shorten the batch: the proposer drafts nothing and leaves the other rows' lookups undone;
+    once that row has a lookup too, every row is looked up and the choice is made."""
+    from card.eval.decoding.proposers import DraftProposer
+
+    cheap = lambda b, q: 1.0 + 0.001 * (q - 1)  # noqa: E731  drafts nearly free: any good draft pays
+    est = Estimates.start([0.02] * 8, "untrained")
+    p = DraftProposer(8, ("mask", "ngram"), Lookahead("lossless", 8, True, cheap, est.masks), est, cheap, True)
+    text = list(range(5, 17)) * 3
+
+    def row(ids, left):
+        return SimpleNamespace(tokens=[0] * (32 - left), max_new_tokens=32, prompt_ids=ids, pending=ids[-1:],
+                               forwards=1, drafts=[])
+
+    lead, other = row([1, 2, 3, 4], 20), row(text, 18)  # the lead row's last token never occurred before
+    for r in (lead, other):
+        p.start(r)
+    prop = p.propose([lead, other])
+    assert prop.drafts == [[], []] and prop.sources == [None, None] and other.ngram.indexed == 0
+    lead2 = row(text, 20)
+    p.start(lead2)
+    p._skip = 0
+    prop = p.propose([lead2, other])
+    assert other.ngram.indexed == len(text) and prop.drafts[0] and prop.drafts[1]

@@ -219,7 +219,7 @@ def lossless_finish_values(surv: Sequence[float], cost: Sequence[float], horizon
 
 
 def lossless_finish_cost(values: np.ndarray, base: np.ndarray, surv: Sequence[float], now: np.ndarray,
-                         drafts: int, remaining: Sequence[tuple[int, float]]) -> np.ndarray:
+                         drafts: int, remaining: Sequence[tuple[int, float]]) -> Sequence[float]:
     """Expected seconds to finish a lossless row for each mask count m of this forward:
 
         Q(m) = now[m] + sum_R P(R) [ base(R, d_R) + S(d_R) V(R - 1 - d_R, m) ],   d_R = min(d, R - 1),
@@ -228,6 +228,12 @@ def lossless_finish_cost(values: np.ndarray, base: np.ndarray, surv: Sequence[fl
     tables' horizon H are read at H: what lies beyond adds about the same time whatever m is now.
     """
     h = values.shape[0] - 1
+    if len(remaining) == 1:  # one length (none ended yet): the same sums in Python, a few us and not ~90 cold
+        (n, pr), = remaining
+        r = min(n, h)
+        d = min(drafts, r - 1)
+        fixed, scale = pr * float(base[r, d]), pr * float(surv[d])
+        return [a + fixed + scale * v for a, v in zip(now.tolist(), values[r - 1 - d].tolist())]
     r = np.minimum(np.array([n for n, _ in remaining]), h)
     w = np.array([pr for _, pr in remaining])
     d = np.minimum(drafts, r - 1)
@@ -618,6 +624,7 @@ class Lookahead:
         self.explore = explore
         self.budget = 0.0
         self._cached: tuple | None = None
+        self._futile: tuple = (None, False)  # (batch, pending, stats' version and rounds), verdict
         self.horizon = HORIZON * (k_max + 1)
         self.exploring = False
 
@@ -670,7 +677,8 @@ class Lookahead:
 
         values, base, surv = self.stats.memo(("lossless-finish", batch, self.k_max, self.horizon), make)
         now = self._first(batch, pending, MARGIN)
-        return int(np.argmin(lossless_finish_cost(values, base, surv, now, drafts, remaining)))
+        seconds = lossless_finish_cost(values, base, surv, now, drafts, remaining)
+        return min(range(len(seconds)), key=seconds.__getitem__)  # the first minimum, as np.argmin
 
     def _finish_tables(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``finish_tables`` (N_m(r) up to the horizon, 1 + A(m)) for the current estimates, and the cost of a
@@ -698,8 +706,11 @@ class Lookahead:
         """
         if not self.auto or self.k_max == 0:
             return False
-        reach = self.stats.memo("reach", lambda: accepted_curve(self.stats.rates())[-1])
-        return (1.0 + reach) * self.cost(batch, pending) <= self.cost(batch, pending + 1)
+        key = (batch, pending, self.stats.version, self.stats.rounds)  # a proposer asks, then ``masks`` again
+        if self._futile[0] != key:
+            reach = self.stats.memo("reach", lambda: accepted_curve(self.stats.rates())[-1])
+            self._futile = (key, (1.0 + reach) * self.cost(batch, pending) <= self.cost(batch, pending + 1))
+        return self._futile[1]
 
     def masks(self, batch: int, pending: int = 1, remaining: list[tuple[int, float]] | None = None,
               drafts: int = 0) -> int:
