@@ -116,6 +116,10 @@ def test_finish_costs_equal_their_definition_for_every_m(rates, horizon, lengths
         nr = [n[m][r] if r <= horizon else n[m][horizon] + (r - horizon) / tokens[m] for r, _ in remaining]
         want = sum(w * (first[m] + (x - 1.0) * later[m]) for (_, w), x in zip(remaining, nr))
         assert got[m] == pytest.approx(want, rel=1e-9)
+    # one length takes a Python path; it must agree to the bit with the vector one (the choice's ties break
+    # the same way): a second length of weight 0 adds exact zeros there
+    one = finish_costs(n, tokens, remaining[:1], first, later)
+    assert list(one) == finish_costs(n, tokens, [remaining[0], (horizon + 3, 0.0)], first, later).tolist()
 
 
 def test_a_row_near_its_end_gets_the_masks_that_finish_it():

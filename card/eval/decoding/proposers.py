@@ -371,8 +371,13 @@ class DraftProposer:
         d_min = max(map(len, mask_d))
         d_max = max(d_min, max(len(g) for g, _ in ngram))
         best_d, best_rate = d_min, -1.0
+        # The bound grows with d up to its value at d_max and the cost never falls: once even that value
+        # cannot beat the best rate, no longer draft can.
+        reach = 1.0 + min(_pick(mask_d[b], *ngram[b], d_max, curves)[3] for b in lead)
         for d in range(d_min, d_max + 1):
             cost = self.cost(B, pending + d + m) * (MARGIN if d > d_min else 1.0)  # extra drafts must promise more
+            if reach / cost <= best_rate * (1 + 1e-9):
+                break
             bound = 1.0 + min(_pick(mask_d[b], *ngram[b], d, curves)[3] for b in lead)
             if bound / cost <= best_rate * (1 + 1e-9):
                 continue
