@@ -278,16 +278,14 @@ class DraftProposer:
             else:
                 slowest = max(rows, key=_remaining)
                 m = self.lookahead.masks(B, width, _batch_remaining(self.lengths, rows), len(slowest.drafts))
-        ngram: list[tuple[list[int], int]] = []
-        stalled = False
+        ngram: list[tuple[list[int], int]] | None = []
         if self.use_ngram and self._skip == 0:
             ngram = self._lookups(rows, mask_d)
-            stalled = ngram is None
-            ngram = ngram or []
+            if ngram is None:  # stalled: no choice was weighed, so no evidence on the lookups; the wait goes on
+                ngram = []
+                self._skip = min(2 ** self._fruitless - 1, LOOKUP_BACKOFF_MAX)
         elif self.use_ngram:
             self._skip -= 1
-        if stalled:  # no choice was made, so no evidence on the lookups: the current wait goes on
-            self._skip = min(2 ** self._fruitless - 1, LOOKUP_BACKOFF_MAX)
         if m == 0 and not ngram and not any(mask_d):  # an AR step: no per-row work
             return Proposal(0, mask_d, [None] * B)
         if not any(g for g, _ in ngram):
@@ -296,12 +294,15 @@ class DraftProposer:
             drafts = [d if d else g for d, (g, _) in zip(mask_d, ngram)]
             sources = ["mask" if d else (lookup_source(n) if g else None) for d, (g, n) in zip(mask_d, ngram)]
         else:
-            self._explore_budget(B)
+            # Up to EXPLORE of the forward time, saved up to one forward over the whole block at most.
+            est, one = self.estimates, self.cost(B, 1)
+            est.explore_budget = min(est.explore_budget + EXPLORE * one, self.cost(B, 1 + self.k_max) - one)
             drafts, sources = self._choose(rows, m, mask_d, ngram)
             if any(s and s != "mask" for s in sources):
                 self._fruitless = 0
-            else:
-                self._back_off(B)
+            elif B > 1:  # one row's lookup is cheap next to a forward; a batch's costs per row
+                self._fruitless += 1
+                self._skip = min(2 ** self._fruitless - 1, LOOKUP_BACKOFF_MAX)
         m = max(0, min(m, max(_remaining(r) - 1 - len(d) for r, d in zip(rows, drafts))))
         return Proposal(m, drafts, sources)
 
@@ -311,9 +312,9 @@ class DraftProposer:
         Stalled: with automatic lookahead and no mask drafts, a row holding the batch's largest budget has no
         lookup. That row commits exactly one token whatever the others draft, so the largest budget drops by
         one at most: ``critical_gain`` is 1 for every draft length and any draft only adds cost, the choice
-        is no drafts. The rows holding the largest budget are looked up first, and the others only if
-        all of them found one (at batch 8 about a tenth of a millisecond a time saved, most lookup steps of
-        a batch whose rows run abreast).
+        is no drafts. So the rows holding the largest budget are looked up first, and the others only if all
+        of them found a draft: a batch whose rows run abreast is stalled at most of its lookup steps, and
+        the draft-length search it skips costs about a tenth of a millisecond at batch 8.
         """
         def lookup(r):
             return _at_prompt_end(r, r.ngram.lookup(min(self.k_max, _remaining(r) - 1)))
@@ -327,17 +328,6 @@ class DraftProposer:
                 if not found[b][0]:
                     return None
         return [found[b] if b in found else lookup(r) for b, r in enumerate(rows)]
-
-    def _explore_budget(self, batch: int) -> None:
-        """Save up to EXPLORE of a forward's time for exploring lookups, at most one forward over the whole block."""
-        est, one = self.estimates, self.cost(batch, 1)
-        est.explore_budget = min(est.explore_budget + EXPLORE * one, self.cost(batch, 1 + self.k_max) - one)
-
-    def _back_off(self, batch: int) -> None:
-        """A batch's lookups found no draft worth its cost: wait 1, 3, 7, then 15 forwards before the next."""
-        if batch > 1:  # one row's lookup is cheap next to a forward; a batch's costs per row
-            self._fruitless += 1
-            self._skip = min(2 ** self._fruitless - 1, LOOKUP_BACKOFF_MAX)
 
     def _choose(self, rows, m, mask_d, ngram):
         """The common draft length d and each row's source maximising the batch's progress per second.
